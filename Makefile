@@ -1,0 +1,24 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 1
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup demo test clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/ray-suti demo
+
+# pytest exits 5 when it collects no test: that is not a failure of the suite.
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+clean:
+	rm -rf runs .pytest_cache

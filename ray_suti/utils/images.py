@@ -1,0 +1,42 @@
+"""Image helpers shared by every stage: encoding and contact sheets."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def encode(array: np.ndarray, fmt: str = "png") -> bytes:
+    if fmt == "png":
+        return encode_png(array)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def contact_sheet(rows: list[list[np.ndarray | None]], labels: list[str] | None = None,
+                  cell: int = 64, header: list[str] | None = None, label_width: int = 150) -> Image.Image:
+    """A grid of images, one labelled row each; ``None`` cells stay blank."""
+    n_cols = max(len(r) for r in rows)
+    top = 14 if header else 0
+    left = label_width if labels else 0
+    sheet = Image.new("RGB", (left + n_cols * (cell + 2), top + len(rows) * (cell + 2)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, text in enumerate(header or []):
+        draw.text((left + j * (cell + 2) + 2, 1), text[:12], fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        y = top + i * (cell + 2)
+        if labels:
+            draw.text((2, y + cell // 2 - 6), labels[i][:24], fill=(0, 0, 0))
+        for j, img in enumerate(row):
+            if img is not None:
+                tile = Image.fromarray(np.asarray(img)).convert("RGB").resize((cell, cell), Image.NEAREST)
+                sheet.paste(tile, (left + j * (cell + 2), y))
+    return sheet

@@ -35,6 +35,57 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def load_pipeline(checkpoint: str):
+    """A saved checkpoint folder, or a preset name (an untrained model: noise, but the path runs)."""
+    from .model import PRESETS, SuTIPipeline
+
+    if checkpoint in PRESETS:
+        return SuTIPipeline.from_preset(checkpoint)
+    if not os.path.isfile(os.path.join(checkpoint, "suti.json")):
+        raise SystemExit(f"error: {checkpoint!r} is neither a preset ({', '.join(PRESETS)}) nor a saved checkpoint")
+    return SuTIPipeline.from_pretrained(checkpoint)
+
+
+def _subject_photos(paths: list[str], limit: int) -> list[str]:
+    """Files as given; from a folder, its images in name order, at most ``limit`` (said aloud)."""
+    photos = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+            if len(found) > limit:
+                print(f"note: using the first {limit} of {len(found)} photos in {path}", file=sys.stderr)
+            photos += found[:limit]
+        else:
+            photos.append(path)
+    return photos
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import SuTIInputError
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline(args.checkpoint).set_scheduler(args.scheduler)
+    photos = _subject_photos(args.subject, pipe.config.max_demos)
+    try:
+        out = pipe(args.prompt, photos, num_inference_steps=args.steps, guidance_scale_text=args.guidance_text,
+                   guidance_scale_subject=args.guidance_subject, num_images_per_prompt=args.num_images,
+                   generator=torch.Generator().manual_seed(args.seed))
+    except SuTIInputError as e:
+        raise SystemExit(f"error: {e}")
+    stem, ext = os.path.splitext(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    for i, image in enumerate(out.images):
+        path = args.out if i == 0 else f"{stem}-{i}{ext}"
+        image.save(path)
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .world.crawl import WorldConfig
 
@@ -44,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("world", help="stage 0: generate the synthetic web crawl (Ray tasks)")
     add_dataclass_args(p, WorldConfig)
     p.set_defaults(func=_world)
+
+    p = sub.add_parser("generate", help="draw a subject from its photos in a new context")
+    p.add_argument("--checkpoint", required=True, help="saved checkpoint folder, or a preset name (tiny-32, ...)")
+    p.add_argument("--subject", nargs="+", required=True, help="1-5 photos, or folders of photos")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="output PNG (extra images get -1, -2, ... suffixes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance-text", type=float, default=3.0)
+    p.add_argument("--guidance-subject", type=float, default=3.0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="run the pipeline on the embedded default and print the results")
     p.add_argument("--out", default="runs/demo", help="artefact folder (default: runs/demo)")

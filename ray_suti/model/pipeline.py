@@ -1,0 +1,279 @@
+"""SuTIPipeline: subject photos + prompt -> images, in the manner of a diffusers pipeline.
+
+Sampling uses a diffusers scheduler (DDIM by default, DPM-Solver++ via ``set_scheduler``) and
+three-branch classifier-free guidance with separate text and subject scales:
+
+    pred = u + s_subject * (s - u) + s_text * (f - s)
+    u = (no text, no demos)   s = (no text, demos)   f = (text, demos)
+
+Branches whose weight is zero are not computed: ``s_subject == 1`` drops ``u``, and
+``s_subject == s_text`` drops ``s``, so equal scales cost what ordinary text guidance costs. Demo
+features are computed once per call and shared by every step and branch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .inputs import SuTIInputError, subject_tensor
+from .presets import SuTIConfig, get_preset
+from .suti import SuTIModel
+from .tokenizer import clip_tokenizer
+from .unet import DemoFeatures, SuTIUNet
+
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+MAX_STEPS = 1000
+
+
+@dataclass
+class SuTIPipelineOutput(BaseOutput):
+    images: list | np.ndarray | torch.Tensor
+
+
+def make_scheduler(name: str, config: SuTIConfig):
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    kwargs = dict(num_train_timesteps=1000, beta_schedule=config.beta_schedule,
+                  prediction_type=config.prediction_type, timestep_spacing="trailing")
+    if name == "ddim":
+        kwargs.update(clip_sample=not config.latent, set_alpha_to_one=False)
+    else:
+        kwargs.update(algorithm_type="dpmsolver++", solver_order=2)
+    return SCHEDULERS[name](**kwargs)
+
+
+def guidance_branches(text_scale: float, subject_scale: float, with_demos: bool) -> list[tuple[float, bool, bool]]:
+    """(weight, use_text, use_demos) of each branch that contributes."""
+    if with_demos:
+        raw = [(text_scale, True, True), (subject_scale - text_scale, False, True), (1 - subject_scale, False, False)]
+    else:
+        raw = [(text_scale, True, False), (1 - text_scale, False, False)]
+    return [b for b in raw if b[0] != 0]
+
+
+class SuTIPipeline:
+    def __init__(self, model: SuTIModel, tokenizer: CLIPTokenizer, scheduler=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler or make_scheduler("ddim", model.config)
+        self._progress_kwargs: dict = {}
+
+    # ---- construction and persistence -----------------------------------------------------
+    @property
+    def config(self) -> SuTIConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.unet.parameters()).device
+
+    def to(self, device=None, dtype=None) -> "SuTIPipeline":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0) -> "SuTIPipeline":
+        """An untrained pipeline of a named preset (``tiny-32``, ``tiny-64``, ``sd15``)."""
+        config = get_preset(name)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = SuTIModel(config)
+        return cls(model, clip_tokenizer(config.max_text_len))
+
+    @classmethod
+    def from_base(cls, path: str, neighbour_levels: tuple = (1, 2), neighbour_heads: int = 8,
+                  max_demos: int = 5) -> "SuTIPipeline":
+        """Any local diffusers Stable Diffusion 1.x/2.x folder -> SuTI with fresh neighbour layers."""
+        base = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        sched = DDIMScheduler.load_config(path, subfolder="scheduler")
+        tc = text_encoder.config
+        text = {k: getattr(tc, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "max_position_embeddings", "hidden_act",
+                                            "bos_token_id", "eos_token_id")}
+        text["pad_token_id"] = tokenizer.pad_token_id
+        unet_cfg = {k: v for k, v in base.config.items() if not k.startswith("_")}
+        config = SuTIConfig(
+            name=f"base:{os.path.basename(os.path.normpath(path))}",
+            image_size=base.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1),
+            unet=unet_cfg, text=text, vae={k: v for k, v in vae.config.items() if not k.startswith("_")},
+            vae_scaling_factor=vae.config.scaling_factor, neighbour_levels=tuple(neighbour_levels),
+            neighbour_heads=neighbour_heads, max_demos=max_demos,
+            prediction_type=sched.get("prediction_type", "epsilon"),
+            beta_schedule=sched.get("beta_schedule", "scaled_linear"),
+        )
+        unet = SuTIUNet(base_config=unet_cfg, neighbour_levels=config.neighbour_levels, neighbour_heads=neighbour_heads,
+                        max_demos=max_demos)
+        unet.unet.load_state_dict(base.state_dict())
+        return cls(SuTIModel(config, unet, text_encoder, vae), tokenizer)
+
+    def save_pretrained(self, path: str) -> None:
+        """A folder of safetensors weights and JSON configs; nothing pickled."""
+        os.makedirs(path, exist_ok=True)
+        self.model.unet.save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
+        self.model.text_encoder.save_pretrained(os.path.join(path, "text_encoder"), safe_serialization=True)
+        if self.model.vae is not None:
+            self.model.vae.save_pretrained(os.path.join(path, "vae"), safe_serialization=True)
+        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        self.scheduler.save_pretrained(os.path.join(path, "scheduler"))
+        with open(os.path.join(path, "suti.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype: torch.dtype | None = None) -> "SuTIPipeline":
+        """Loads a folder written by ``save_pretrained``: safetensors only, never unpickles."""
+        with open(os.path.join(path, "suti.json")) as f:
+            config = SuTIConfig.from_dict(json.load(f))
+        unet = SuTIUNet.from_pretrained(os.path.join(path, "unet"), use_safetensors=True, torch_dtype=torch_dtype)
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), use_safetensors=True,
+                                                     dtype=torch_dtype)
+        vae = None
+        if config.latent:
+            vae = AutoencoderKL.from_pretrained(os.path.join(path, "vae"), use_safetensors=True, torch_dtype=torch_dtype)
+        sched_cfg = DDIMScheduler.load_config(os.path.join(path, "scheduler"))
+        by_class = {c.__name__: c for c in SCHEDULERS.values()}
+        if sched_cfg.get("_class_name") not in by_class:
+            raise ValueError(f"unsupported scheduler {sched_cfg.get('_class_name')!r} in {path}")
+        scheduler = by_class[sched_cfg["_class_name"]].from_config(sched_cfg)
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        return cls(SuTIModel(config, unet, text_encoder, vae), tokenizer, scheduler)
+
+    def set_scheduler(self, name: str) -> "SuTIPipeline":
+        self.scheduler = SCHEDULERS[name].from_config(make_scheduler(name, self.config).config) \
+            if name in SCHEDULERS else make_scheduler(name, self.config)
+        return self
+
+    # ---- progress --------------------------------------------------------------------------
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self._progress_kwargs = kwargs
+
+    def progress_bar(self, iterable):
+        return tqdm(iterable, **{"desc": "sampling", "leave": False, **self._progress_kwargs})
+
+    # ---- encoding --------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, padding="max_length", max_length=self.config.max_text_len, truncation=True,
+                              return_tensors="pt").input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenize(prompts))
+
+    def _demo_inputs(self, subjects: list[list], captions: list[list[str]] | None):
+        """Per-example photo lists -> padded (B, K, 3, H, W), caption ids (B, K, L), valid (B, K)."""
+        k_max, size = max(len(s) for s in subjects), self.config.image_size
+        images = torch.zeros(len(subjects), k_max, 3, size, size)
+        valid = torch.zeros(len(subjects), k_max, dtype=torch.bool)
+        texts = []
+        for i, photos in enumerate(subjects):
+            if not 1 <= len(photos) <= self.config.max_demos:
+                raise SuTIInputError(f"give 1 to {self.config.max_demos} subject images, got {len(photos)}")
+            images[i, : len(photos)] = subject_tensor(photos, size)
+            valid[i, : len(photos)] = True
+            caps = list(captions[i]) if captions is not None else []
+            if len(caps) not in (0, len(photos)):
+                raise SuTIInputError(f"{len(caps)} captions for {len(photos)} subject images")
+            texts += [str(c) for c in caps] + [""] * (k_max - len(caps))
+        ids = self.tokenize(texts).view(len(subjects), k_max, -1)
+        dtype = next(self.model.unet.parameters()).dtype
+        return images.to(self.device, dtype), ids, valid.to(self.device)
+
+    @torch.no_grad()
+    def encode_subject(self, images: list, captions: list[str] | None = None) -> DemoFeatures:
+        """One subject's photos -> demo features to reuse across requests (what Serve caches)."""
+        return self.model.encode_demos(*self._demo_inputs([list(images)], None if captions is None else [captions]))
+
+    # ---- sampling --------------------------------------------------------------------------
+    @torch.no_grad()
+    def denoise(self, text: torch.Tensor, demos: DemoFeatures | None, *, num_inference_steps: int,
+                guidance_scale_text: float, guidance_scale_subject: float, generator=None,
+                demo_inputs: tuple | None = None) -> torch.Tensor:
+        """text (B, L, D); demos for B examples (or ``demo_inputs`` to re-encode them at every step
+        and branch, the uncached reference) -> clean samples in model space (B, C, h, w)."""
+        b = text.shape[0]
+        null = self.model.encode_text(self.model.null_prompt_ids(b, text.device))
+        with_demos = demos is not None or demo_inputs is not None
+        branches = guidance_branches(guidance_scale_text, guidance_scale_subject, with_demos)
+        branch_text = torch.cat([text if use_text else null for _, use_text, _ in branches])
+        unet_cfg = self.model.unet.unet.config
+        shape = (b, unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=text.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            branch_demos = None
+            if with_demos:
+                parts = []
+                for _, _, use_demos in branches:
+                    feats = demos if demo_inputs is None else self.model.encode_demos(*demo_inputs)
+                    parts.append(feats.with_valid(torch.full((b,), use_demos, device=self.device)))
+                branch_demos = DemoFeatures.cat(parts)
+            x = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
+            preds = self.model(x, t, branch_text, branch_demos).chunk(len(branches))
+            pred = sum(w * p for (w, _, _), p in zip(branches, preds))
+            latents = self.scheduler.step(pred, t, latents).prev_sample
+        return latents
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], subject_images, subject_captions=None,
+                 num_inference_steps: int = 25, guidance_scale_text: float = 3.0,
+                 guidance_scale_subject: float = 3.0, generator=None, num_images_per_prompt: int = 1,
+                 output_type: str = "pil", cache_demo_features: bool = True) -> SuTIPipelineOutput:
+        """Draw the subject of ``subject_images`` as ``prompt`` describes.
+
+        prompt: one prompt or a list. subject_images: the photos of one subject (paths, bytes, PIL
+        images or arrays), one list of photos per prompt, or ``DemoFeatures`` from
+        ``encode_subject``. subject_captions: optional captions, shaped like the photos.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise SuTIInputError("prompt must be a non-empty string (or a list of them)")
+        if not (isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= MAX_STEPS):
+            raise SuTIInputError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}]")
+        if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):
+            raise SuTIInputError("num_images_per_prompt must be a positive integer")
+        if output_type not in ("pil", "np", "pt"):
+            raise SuTIInputError("output_type must be 'pil', 'np' or 'pt'")
+        b = len(prompts)
+
+        demo_inputs, demos = None, None
+        if isinstance(subject_images, DemoFeatures):
+            demos = subject_images if subject_images.batch_size == b else subject_images.repeat(b)
+        else:
+            photos = list(subject_images or [])
+            per_prompt = bool(photos) and all(isinstance(p, (list, tuple)) for p in photos)
+            subjects = photos if per_prompt else [photos] * b
+            captions = subject_captions if (subject_captions is None or per_prompt) else [subject_captions] * b
+            if len(subjects) != b:
+                raise SuTIInputError(f"{len(subjects)} subject photo lists for {b} prompts")
+            demo_inputs = self._demo_inputs(subjects, captions)
+            if num_images_per_prompt > 1:
+                demo_inputs = tuple(t.repeat_interleave(num_images_per_prompt, 0) for t in demo_inputs)
+            if cache_demo_features:
+                demos, demo_inputs = self.model.encode_demos(*demo_inputs), None
+        if demos is not None and num_images_per_prompt > 1 and demos.batch_size == b:
+            demos = demos.repeat(num_images_per_prompt)
+
+        text = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, 0)
+        latents = self.denoise(text, demos, num_inference_steps=num_inference_steps,
+                               guidance_scale_text=guidance_scale_text, guidance_scale_subject=guidance_scale_subject,
+                               generator=generator, demo_inputs=demo_inputs)
+        images = (self.model.from_model_space(latents).float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return SuTIPipelineOutput(images=images)
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return SuTIPipelineOutput(images=array)
+        return SuTIPipelineOutput(images=[Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in array])

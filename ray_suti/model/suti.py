@@ -1,0 +1,94 @@
+"""SuTIModel: the trainable whole (text encoder + SuTIUNet + optional frozen VAE) and its loss.
+
+Images enter in [-1, 1]. Pixel presets work on them directly; latent presets go through the VAE
+(deterministic mean for demos and targets). Text and demos are dropped independently in training
+so that sampling can guide on each separately.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .presets import SuTIConfig
+from .unet import DemoFeatures, SuTIUNet
+
+
+class SuTIModel(nn.Module):
+    def __init__(self, config: SuTIConfig, unet: SuTIUNet | None = None, text_encoder: CLIPTextModel | None = None,
+                 vae: AutoencoderKL | None = None):
+        super().__init__()
+        self.config = config
+        self.unet = unet or SuTIUNet(base_config=config.unet, neighbour_levels=config.neighbour_levels,
+                                     neighbour_heads=config.neighbour_heads, max_demos=config.max_demos)
+        self.text_encoder = text_encoder or CLIPTextModel(CLIPTextConfig(**config.text))
+        self.vae = vae if vae is not None else (AutoencoderKL(**config.vae) if config.latent else None)
+        if self.vae is not None:
+            self.vae.requires_grad_(False)
+
+    # ---- spaces --------------------------------------------------------------------------------
+    def null_prompt_ids(self, batch: int, device=None) -> torch.Tensor:
+        """Token ids of the empty prompt: BOS then EOS padding, as the CLIP tokenizer makes them."""
+        t = self.config.text
+        ids = torch.full((batch, self.config.max_text_len), t["eos_token_id"], dtype=torch.long, device=device)
+        ids[:, 0] = t["bos_token_id"]
+        return ids
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> (B, L, D)"""
+        return self.text_encoder(input_ids=ids).last_hidden_state
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> the denoiser's space (pixels, or scaled VAE latents)."""
+        if self.vae is None:
+            return images
+        with torch.no_grad():
+            return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean * self.config.vae_scaling_factor
+
+    def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return x
+        with torch.no_grad():
+            return self.vae.decode(x.to(self.vae.dtype) / self.config.vae_scaling_factor).sample
+
+    def encode_demos(self, images: torch.Tensor, caption_ids: torch.Tensor, valid: torch.Tensor | None = None) -> DemoFeatures:
+        """images (B, K, 3, H, W) in [-1, 1], caption_ids (B, K, L) -> DemoFeatures."""
+        b, k = images.shape[:2]
+        x = self.to_model_space(images.flatten(0, 1)).unflatten(0, (b, k))
+        text = self.encode_text(caption_ids.flatten(0, 1)).unflatten(0, (b, k))
+        return self.unet.encode_demos(x, text, valid)
+
+    def forward(self, sample, timestep, text: torch.Tensor, demos: DemoFeatures | None = None) -> torch.Tensor:
+        return self.unet(sample, timestep, text, demos)
+
+    # ---- training ------------------------------------------------------------------------------
+    def noise_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler(num_train_timesteps=1000, beta_schedule=self.config.beta_schedule,
+                             prediction_type=self.config.prediction_type)
+
+    def loss(self, batch: dict, scheduler: DDPMScheduler, demo_grad: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoising loss of one ICL batch.
+
+        batch: ``target`` (B, 3, H, W), ``prompt_ids`` (B, L), ``demo_images`` (B, K, 3, H, W),
+        ``demo_caption_ids`` (B, K, L), ``demo_valid`` (B, K) and optional ``drop_text`` /
+        ``drop_demos`` (B,) bools for classifier-free guidance dropout.
+        """
+        target = batch["target"]
+        b, device = target.shape[0], target.device
+        prompt_ids = batch["prompt_ids"]
+        if "drop_text" in batch:
+            prompt_ids = torch.where(batch["drop_text"][:, None], self.null_prompt_ids(b, device), prompt_ids)
+        with torch.set_grad_enabled(demo_grad and torch.is_grad_enabled()):
+            demos = self.encode_demos(batch["demo_images"], batch["demo_caption_ids"], batch["demo_valid"])
+        if "drop_demos" in batch:
+            demos = demos.with_valid(~batch["drop_demos"])
+        x0 = self.to_model_space(target)
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+        noisy = scheduler.add_noise(x0, noise, t)
+        want = noise if self.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        pred = self(noisy, t, self.encode_text(prompt_ids), demos)
+        return F.mse_loss(pred.float(), want.float())

@@ -1,0 +1,82 @@
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ray_suti.model.inputs import MAX_PIXELS, SuTIInputError, load_image, subject_tensor
+
+
+def _bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_rgba_transparency_is_composited_on_white():
+    img = Image.new("RGBA", (20, 20), (255, 0, 0, 0))
+    img.paste((0, 0, 255, 255), (0, 0, 10, 20))
+    out = np.asarray(load_image(_bytes(img)))
+    assert out.shape == (20, 20, 3)
+    assert tuple(out[5, 15]) == (255, 255, 255) and tuple(out[5, 2]) == (0, 0, 255)
+
+
+def test_greyscale_palette_and_16_bit_images_become_8_bit_rgb():
+    assert load_image(Image.new("L", (16, 16), 77)).getpixel((0, 0)) == (77, 77, 77)
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    assert load_image(_bytes(pal)).getpixel((3, 3)) == (10, 200, 30)
+    pal.info["transparency"] = 1
+    assert load_image(_bytes(pal, transparency=1)).getpixel((3, 3)) == (255, 255, 255)
+    deep = Image.fromarray(np.full((16, 16), 65535, np.uint16))
+    assert load_image(_bytes(deep)).getpixel((0, 0)) == (255, 255, 255)
+    half = Image.fromarray(np.full((16, 16), 32768, np.uint16))
+    assert load_image(_bytes(half)).getpixel((0, 0))[0] in (127, 128)
+
+
+def test_exif_rotated_jpeg_stands_upright():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # white on the left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # camera says: rotate 90 degrees clockwise to view
+    out = load_image(_bytes(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.size == (20, 40)
+    a = np.asarray(out).mean(-1)
+    assert a[:20].mean() > 200 and a[20:].mean() < 50  # the left half is now on top
+
+
+def test_huge_tiny_and_non_square_photos_arrive_at_model_size(dreambench_dir):
+    big = Image.new("RGB", (4000, 3000), (10, 120, 200))
+    small = Image.new("RGB", (10, 10), (200, 10, 10))
+    photo = Image.open(sorted((dreambench_dir / "dog2").glob("*.jpg"))[0])
+    wide = photo.crop((0, 100, 512, 400))  # a 512 x 300 landscape photo
+    t = subject_tensor([_bytes(big, "JPEG"), small, wide, wide.crop((106, 0, 406, 300))], 32)
+    assert t.shape == (4, 3, 32, 32) and t.min() >= -1 and t.max() <= 1
+    assert abs(float(t[0, 2].mean()) - (200 / 127.5 - 1)) < 0.02
+    assert abs(float(t[1, 0].mean()) - (200 / 127.5 - 1)) < 0.02
+    assert (t[2] - t[3]).abs().max() < 1e-6  # documented: the centre square is kept
+
+
+def test_refused_inputs_say_why():
+    with pytest.raises(SuTIInputError, match="limit"):
+        load_image(_bytes(Image.new("1", (8000, 6000))))
+    assert 8000 * 6000 > MAX_PIXELS
+    with pytest.raises(SuTIInputError, match="at least"):
+        load_image(Image.new("RGB", (3, 40)))
+    with pytest.raises(SuTIInputError, match="not a readable image"):
+        load_image(b"<html>404</html>")
+    good = _bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
+    with pytest.raises(SuTIInputError):
+        load_image(good[: len(good) // 2])
+
+
+def test_generate_command_writes_a_png(tmp_path, dreambench_dir):
+    out = tmp_path / "dog.png"
+    proc = subprocess.run([sys.executable, "-m", "ray_suti.cli", "generate", "--checkpoint", "tiny-32",
+                           "--subject", str(dreambench_dir / "dog2"), "--prompt", "a dog on the beach",
+                           "--out", str(out), "--steps", "2", "--seed", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Image.open(out).size == (32, 32)
+    assert "first 5 of 6" in proc.stderr

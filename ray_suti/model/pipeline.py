@@ -212,16 +212,20 @@ class SuTIPipeline:
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=text.dtype)
         latents = latents * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        def branch_demos() -> DemoFeatures | None:  # one DemoFeatures for all branches of a step
+            if not with_demos:
+                return None
+            parts = []
+            for _, _, use_demos in branches:
+                feats = demos if demo_inputs is None else self.model.encode_demos(*demo_inputs)
+                parts.append(feats.with_valid(torch.full((b,), use_demos, device=self.device)))
+            return DemoFeatures.cat(parts)
+
+        shared = branch_demos() if demo_inputs is None else None  # reused by every step
         for t in self.progress_bar(self.scheduler.timesteps):
-            branch_demos = None
-            if with_demos:
-                parts = []
-                for _, _, use_demos in branches:
-                    feats = demos if demo_inputs is None else self.model.encode_demos(*demo_inputs)
-                    parts.append(feats.with_valid(torch.full((b,), use_demos, device=self.device)))
-                branch_demos = DemoFeatures.cat(parts)
+            step_demos = shared if demo_inputs is None else branch_demos()
             x = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
-            preds = self.model(x, t, branch_text, branch_demos).chunk(len(branches))
+            preds = self.model(x, t, branch_text, step_demos).chunk(len(branches))
             pred = sum(w * p for (w, _, _), p in zip(branches, preds))
             latents = self.scheduler.step(pred, t, latents).prev_sample
         return latents

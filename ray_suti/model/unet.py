@@ -20,7 +20,8 @@ Demo features do not depend on the noise step: compute them once per request and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,17 @@ class DemoFeatures:
 
     tokens: dict[int, torch.Tensor]
     valid: torch.Tensor  # bool (B, K); False for padding and for examples whose demos are dropped
+    # Step-independent work derived from these features (rows with demos, each neighbour layer's
+    # keys and values), kept for as long as the features are reused: a request, or a cached subject.
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def memo(self, key, compute):
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def rows_with_demos(self) -> torch.Tensor:
+        return self.memo("rows", lambda: self.valid.any(dim=1).nonzero().squeeze(1))
 
     @property
     def batch_size(self) -> int:
@@ -61,6 +73,7 @@ class DemoFeatures:
                             torch.cat([p.valid for p in parts]))
 
 
+@functools.lru_cache(maxsize=64)
 def _sincos_2d(n_tokens: int, dim: int, device, dtype) -> torch.Tensor | None:
     """Fixed 2D sine-cosine positions for a square token grid ``(n_tokens, dim)``; None if not square."""
     side = math.isqrt(n_tokens)
@@ -92,35 +105,50 @@ class NeighbourAttention(nn.Module):
         nn.init.zeros_(self.to_out.bias)
         self.demos: DemoFeatures | None = None  # set by SuTIUNet around each forward
 
-    def forward(self, x: torch.Tensor, demos: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        # x: (B, N, Cq) denoiser tokens; demos: (B, K*T, Cd); key_mask: (B, K*T) bool
+    def keys_values(self, demos: torch.Tensor, tokens_per_demo: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """demos (B, K*T, Cd) -> keys and values (B, heads, K*T, C/heads); step-independent."""
+        kv_in = self.norm_kv(demos)
+        if self.positions:  # each demo lies on the query's grid, so attention can use location
+            pos = _sincos_2d(tokens_per_demo, kv_in.shape[-1], demos.device, demos.dtype)
+            if pos is not None:
+                kv_in = kv_in + pos.repeat(demos.shape[1] // tokens_per_demo, 1)
+        b, m, h = demos.shape[0], demos.shape[1], self.heads
+        k = self.to_k(kv_in).view(b, m, h, -1).transpose(1, 2)
+        v = self.to_v(kv_in).view(b, m, h, -1).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, Cq) denoiser tokens of examples that have demos; k, v: (B, h, K*T, Cq/h);
+        # key_mask: (B, K*T) bool, at least one True per row
         b, n, c = x.shape
-        q_in, kv_in = self.norm_q(x), self.norm_kv(demos)
-        if self.positions:  # demos share the query's grid: N tokens each, so attention can use location
-            pos_q = _sincos_2d(n, c, x.device, x.dtype)
-            pos_k = _sincos_2d(n, kv_in.shape[-1], x.device, x.dtype)
-            if pos_q is not None and pos_k is not None:
-                q_in = q_in + pos_q
-                kv_in = kv_in + pos_k.repeat(demos.shape[1] // n, 1)
-        h = self.heads
-        q = self.to_q(q_in).view(b, n, h, c // h).transpose(1, 2)  # (B, h, N, c/h)
-        k = self.to_k(kv_in).view(b, -1, h, c // h).transpose(1, 2)  # (B, h, K*T, c/h)
-        v = self.to_v(kv_in).view(b, -1, h, c // h).transpose(1, 2)
-        has_demos = key_mask.any(dim=1)  # (B,)
-        mask = key_mask | ~has_demos[:, None]  # rows with no demo attend anywhere, then get zeroed
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        out = self.to_out(out.transpose(1, 2).reshape(b, n, c))
-        return out * has_demos[:, None, None].to(out.dtype)
+        q_in = self.norm_q(x)
+        if self.positions:
+            pos = _sincos_2d(n, c, x.device, x.dtype)
+            q_in = q_in if pos is None else q_in + pos
+        q = self.to_q(q_in).view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, C/h)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
 
     def hook(self, module, args, kwargs, output):
         """Forward hook on ``attn2``: adds neighbour attention after the text cross-attention."""
-        if self.demos is None:
+        demos = self.demos
+        if demos is None:
             return output
         hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] != self.demos.tokens[self.level].shape[1] // self.demos.valid.shape[1]:
+        tokens = demos.tokens[self.level]
+        n = hidden.shape[1]
+        if tokens.shape[1] != n * demos.valid.shape[1]:
             raise ValueError("demo features and sample have different resolutions")
-        tokens = self.demos.tokens[self.level].to(hidden.dtype)
-        return output + self(hidden + output, tokens, self.demos.key_mask(self.level))
+        rows = demos.rows_with_demos()  # examples without demos (dropped, or the unconditional
+        if rows.numel() == 0:  # guidance branch) get exactly nothing added, at no cost
+            return output
+        k, v = demos.memo(self, lambda: self.keys_values(tokens[rows].to(hidden.dtype), n))
+        mask = demos.memo((self, "mask"), lambda: demos.key_mask(self.level)[rows])
+        x = (hidden + output)[rows]
+        extra = self(x, k, v, mask)
+        if rows.numel() == hidden.shape[0]:
+            return output + extra
+        return output.index_add(0, rows, extra)
 
 
 def transformer_blocks_by_level(unet: UNet2DConditionModel):

@@ -19,6 +19,24 @@ def _world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _oracle(args: argparse.Namespace) -> int:
+    from .world.oracle import OracleConfig, write_oracle
+
+    cfg = from_args(OracleConfig, args)
+    print(f"{write_oracle(cfg)} oracle ICL-V2 examples in {cfg.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace, mode: str) -> int:
+    from .train.config import TrainConfig
+    from .train.trainer import run_training
+
+    cfg = from_args(TrainConfig, args, mode=mode)
+    summary = run_training(cfg, command="ray-suti " + " ".join(sys.argv[1:]))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .world.crawl import WorldConfig, generate_world
 
@@ -39,14 +57,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 
 def load_pipeline(checkpoint: str):
-    """A saved checkpoint folder, or a preset name (an untrained model: noise, but the path runs)."""
-    from .model import PRESETS, SuTIPipeline
+    from .model import load_pipeline as load
 
-    if checkpoint in PRESETS:
-        return SuTIPipeline.from_preset(checkpoint)
-    if not os.path.isfile(os.path.join(checkpoint, "suti.json")):
-        raise SystemExit(f"error: {checkpoint!r} is neither a preset ({', '.join(PRESETS)}) nor a saved checkpoint")
-    return SuTIPipeline.from_pretrained(checkpoint)
+    try:
+        return load(checkpoint)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def _subject_photos(paths: list[str], limit: int) -> list[str]:
@@ -96,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, WorldConfig)
     p.set_defaults(func=_world)
 
+    from .train.config import TrainConfig
+    from .world.oracle import OracleConfig
+
+    p = sub.add_parser("oracle", help="write oracle ICL-V2 examples (the renderer as a perfect expert)")
+    add_dataclass_args(p, OracleConfig)
+    p.set_defaults(func=_oracle)
+
+    p = sub.add_parser("pretrain", help="stage 2: train the base text-to-image model on web pairs (Ray Train)")
+    add_dataclass_args(p, TrainConfig, skip=("mode",))
+    p.set_defaults(func=lambda a: _train(a, "pretrain"))
+
+    p = sub.add_parser("train", help="stage 4: train SuTI on ICL-V2 examples (Ray Train + DeepSpeed ZeRO)")
+    add_dataclass_args(p, TrainConfig, skip=("mode",))
+    p.set_defaults(func=lambda a: _train(a, "suti"))
+
     p = sub.add_parser("generate", help="draw a subject from its photos in a new context")
     p.add_argument("--checkpoint", required=True, help="saved checkpoint folder, or a preset name (tiny-32, ...)")
     p.add_argument("--subject", nargs="+", required=True, help="1-5 photos, or folders of photos")
@@ -103,11 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG (extra images get -1, -2, ... suffixes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-text", type=float, default=3.0)
-    p.add_argument("--guidance-subject", type=float, default=3.0)
+    p.add_argument("--guidance-text", type=float, default=1.5)
+    p.add_argument("--guidance-subject", type=float, default=1.5)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim")
     p.set_defaults(func=_generate)
+
+    from .evaluate.synthetic import add_cli as add_evaluate
+
+    add_evaluate(sub)
 
     p = sub.add_parser("demo", help="run the pipeline on the embedded default and print the results")
     p.add_argument("--out", default="runs/demo", help="artefact folder (default: runs/demo)")

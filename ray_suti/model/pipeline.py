@@ -131,9 +131,44 @@ class SuTIPipeline:
         with open(os.path.join(path, "suti.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=2)
 
+    def save_single_file(self, path: str, metadata: dict | None = None, dtype=torch.float16) -> None:
+        """Every trainable weight in one .safetensors file, the config in its metadata (pixel presets;
+        the small committed checkpoints use this)."""
+        from safetensors.torch import save_file
+
+        if self.model.vae is not None:
+            raise ValueError("single-file export is for pixel presets; use save_pretrained for latent models")
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.model.state_dict().items()}
+        meta = {"suti_config": json.dumps(self.config.to_dict()), **{k: str(v) for k, v in (metadata or {}).items()}}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file(tensors, path + ".tmp", metadata=meta)
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def from_single_file(cls, path: str) -> "SuTIPipeline":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, framework="pt") as f:
+            config = SuTIConfig.from_dict(json.loads(f.metadata()["suti_config"]))
+        model = SuTIModel(config)
+        state = {k: v.float() for k, v in load_file(path).items()}
+        model.load_state_dict(state)
+        return cls(model, clip_tokenizer(config.max_text_len))
+
+    @staticmethod
+    def single_file_metadata(path: str) -> dict:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata())
+
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: torch.dtype | None = None) -> "SuTIPipeline":
-        """Loads a folder written by ``save_pretrained``: safetensors only, never unpickles."""
+        """Loads a folder written by ``save_pretrained`` (or a single file from ``save_single_file``):
+        safetensors only, never unpickles."""
+        if os.path.isfile(path) and path.endswith(".safetensors"):
+            return cls.from_single_file(path)
         with open(os.path.join(path, "suti.json")) as f:
             config = SuTIConfig.from_dict(json.load(f))
         unet = SuTIUNet.from_pretrained(os.path.join(path, "unet"), use_safetensors=True, torch_dtype=torch_dtype)
@@ -232,8 +267,8 @@ class SuTIPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], subject_images, subject_captions=None,
-                 num_inference_steps: int = 25, guidance_scale_text: float = 3.0,
-                 guidance_scale_subject: float = 3.0, generator=None, num_images_per_prompt: int = 1,
+                 num_inference_steps: int = 25, guidance_scale_text: float = 1.5,
+                 guidance_scale_subject: float = 1.5, generator=None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", cache_demo_features: bool = True) -> SuTIPipelineOutput:
         """Draw the subject of ``subject_images`` as ``prompt`` describes.
 
@@ -281,3 +316,16 @@ class SuTIPipeline:
         if output_type == "np":
             return SuTIPipelineOutput(images=array)
         return SuTIPipelineOutput(images=[Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in array])
+
+
+def load_pipeline(checkpoint: str) -> SuTIPipeline:
+    """A preset name (untrained: noise, but every path runs), a ``save_pretrained`` folder, or a
+    single ``.safetensors`` file."""
+    from .presets import PRESETS
+
+    if checkpoint in PRESETS:
+        return SuTIPipeline.from_preset(checkpoint)
+    if os.path.isfile(os.path.join(checkpoint, "suti.json")) or (
+            os.path.isfile(checkpoint) and checkpoint.endswith(".safetensors")):
+        return SuTIPipeline.from_pretrained(checkpoint)
+    raise ValueError(f"{checkpoint!r} is neither a preset ({', '.join(PRESETS)}) nor a saved checkpoint")

@@ -69,26 +69,31 @@ class SuTIModel(nn.Module):
                              prediction_type=self.config.prediction_type)
 
     def loss(self, batch: dict, scheduler: DDPMScheduler, demo_grad: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoising loss of one ICL batch.
+             generator: torch.Generator | None = None, noise_repeats: int = 1) -> torch.Tensor:
+        """Denoising loss of one batch.
 
-        batch: ``target`` (B, 3, H, W), ``prompt_ids`` (B, L), ``demo_images`` (B, K, 3, H, W),
-        ``demo_caption_ids`` (B, K, L), ``demo_valid`` (B, K) and optional ``drop_text`` /
-        ``drop_demos`` (B,) bools for classifier-free guidance dropout.
+        batch: ``target`` (B, 3, H, W), ``prompt_ids`` (B, L), optional ``drop_text`` (B,) and, for
+        in-context examples, ``demo_images`` (B, K, 3, H, W), ``demo_caption_ids`` (B, K, L),
+        ``demo_valid`` (B, K) and optional ``drop_demos`` (B,). Each target is trained at
+        ``noise_repeats`` noise levels while its text and demos are encoded once.
         """
         target = batch["target"]
-        b, device = target.shape[0], target.device
+        b, device, r = target.shape[0], target.device, noise_repeats
         prompt_ids = batch["prompt_ids"]
         if "drop_text" in batch:
             prompt_ids = torch.where(batch["drop_text"][:, None], self.null_prompt_ids(b, device), prompt_ids)
-        with torch.set_grad_enabled(demo_grad and torch.is_grad_enabled()):
-            demos = self.encode_demos(batch["demo_images"], batch["demo_caption_ids"], batch["demo_valid"])
-        if "drop_demos" in batch:
-            demos = demos.with_valid(~batch["drop_demos"])
-        x0 = self.to_model_space(target)
+        demos = None
+        if "demo_images" in batch:
+            with torch.set_grad_enabled(demo_grad and torch.is_grad_enabled()):
+                demos = self.encode_demos(batch["demo_images"], batch["demo_caption_ids"], batch["demo_valid"])
+            if "drop_demos" in batch:
+                demos = demos.with_valid(~batch["drop_demos"])
+            demos = demos.repeat(r) if r > 1 else demos
+        text = self.encode_text(prompt_ids).repeat_interleave(r, 0)
+        x0 = self.to_model_space(target).repeat_interleave(r, 0)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b * r,), generator=generator, device=device)
         noisy = scheduler.add_noise(x0, noise, t)
         want = noise if self.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
-        pred = self(noisy, t, self.encode_text(prompt_ids), demos)
+        pred = self(noisy, t, text, demos)
         return F.mse_loss(pred.float(), want.float())

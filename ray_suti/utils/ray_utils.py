@@ -18,5 +18,29 @@ def init_ray(num_cpus: int | None = None) -> None:
         os.environ.setdefault(key, value)
     kwargs = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+        kwargs.update(num_cpus=num_cpus)
     ray.init(**kwargs)
+
+
+def run_sharded(fn, args_per_shard: list[tuple], max_in_flight: int, desc: str, unit_key: str | None = None,
+                total: int | None = None, progress: bool = True) -> list:
+    """Runs ``fn(*args)`` as Ray tasks (1 CPU each), at most ``max_in_flight`` at once so memory stays
+    bounded, with a progress bar; returns the results in shard order."""
+    import ray
+    from tqdm import tqdm
+
+    init_ray()
+    task = ray.remote(num_cpus=1)(fn)
+    results: dict = {}
+    pending: dict = {}
+    queue = list(enumerate(args_per_shard))
+    with tqdm(total=total or len(queue), desc=desc, disable=not progress) as bar:
+        while queue or pending:
+            while queue and len(pending) < max_in_flight:
+                i, args = queue.pop(0)
+                pending[task.remote(*args)] = i
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            results[i] = ray.get(done[0])
+            bar.update(results[i][unit_key] if unit_key else 1)
+    return [results[i] for i in range(len(args_per_shard))]

@@ -241,26 +241,15 @@ def write_preview(cfg: WorldConfig, path: str) -> None:
 
 def generate_world(cfg: WorldConfig, progress: bool = True) -> dict:
     """Runs the crawl as Ray tasks (at most ``max_in_flight`` at once) and writes world.json."""
-    import ray
-    from tqdm import tqdm
+    from ..utils.ray_utils import run_sharded
 
-    from ..utils.ray_utils import init_ray
-
-    init_ray()
     for folder in ("web", "truth"):
         os.makedirs(os.path.join(cfg.out, folder), exist_ok=True)
     n_shards = -(-cfg.pages // cfg.pages_per_shard)
-    task = ray.remote(num_cpus=1)(write_shard)
-    start, stats, pending, next_shard = time.time(), {}, [], 0
-    with tqdm(total=cfg.pages, desc="world pages", unit="page", disable=not progress) as bar:
-        while next_shard < n_shards or pending:
-            while next_shard < n_shards and len(pending) < cfg.max_in_flight:
-                pending.append(task.remote(cfg, next_shard))
-                next_shard += 1
-            done, pending = ray.wait(pending, num_returns=1)
-            part = ray.get(done[0])
-            _merge(stats, part)
-            bar.update(part["pages"])
+    start, stats = time.time(), {}
+    for part in run_sharded(write_shard, [(cfg, s) for s in range(n_shards)], cfg.max_in_flight, "world pages",
+                            unit_key="pages", total=cfg.pages, progress=progress):
+        _merge(stats, part)
     elapsed = time.time() - start
     stats.update(shards=n_shards, seconds=round(elapsed, 2), pages_per_second=round(cfg.pages / elapsed, 1))
     if cfg.preview_pages:

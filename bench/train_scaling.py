@@ -1,0 +1,50 @@
+"""Training throughput with 1 vs 2 workers, and peak memory per worker under plain data parallel
+(ZeRO stage 0, what DDP does), ZeRO-2 and ZeRO-3 on the same model, all measured in one run.
+
+    .venv/bin/python bench/train_scaling.py [--steps 30] [--batch-size 8]
+
+Each configuration is a real Ray Train + DeepSpeed run on oracle ICL-V2 data; samples/s is the
+last report window (after warm-up), memory is rank 0's peak RSS (the workers are symmetric).
+"""
+import argparse
+import json
+import os
+import tempfile
+
+from ray_suti.train.config import TrainConfig
+from ray_suti.train.trainer import run_training
+from ray_suti.utils.ray_utils import init_ray
+from ray_suti.world.oracle import OracleConfig, write_oracle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_ray(num_cpus=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "oracle")
+        write_oracle(OracleConfig(out=data, examples=512, examples_per_shard=128), progress=False)
+        runs = {"1 worker, ZeRO-2": (1, 2), "2 workers, ZeRO-0 (DDP)": (2, 0), "2 workers, ZeRO-2": (2, 2),
+                "2 workers, ZeRO-3": (2, 3)}
+        results = {}
+        for label, (workers, stage) in runs.items():
+            cfg = TrainConfig(data=data, steps=args.steps, batch_size=args.batch_size, noise_repeats=1,
+                              num_workers=workers, zero_stage=stage, report_every=args.steps // 3,
+                              checkpoint_every=10**6, probe_every=10**6, storage_path=os.path.join(tmp, "runs"),
+                              name=label.replace(" ", "_").replace(",", ""), cpus_per_worker=0.9)
+            m = run_training(cfg)["metrics"]
+            results[label] = {"samples_per_s": round(m["samples_per_s"], 2), "peak_rss_mb": round(m["peak_rss_mb"])}
+            print(label, results[label], flush=True)
+    print(json.dumps(results, indent=2))
+    one, two = results["1 worker, ZeRO-2"], results["2 workers, ZeRO-2"]
+    print(f"throughput 2 vs 1 workers (ZeRO-2): {two['samples_per_s'] / one['samples_per_s']:.2f}x")
+    ddp = results["2 workers, ZeRO-0 (DDP)"]["peak_rss_mb"]
+    for stage in ("ZeRO-2", "ZeRO-3"):
+        print(f"peak memory per worker, {stage} vs DDP: {results[f'2 workers, {stage}']['peak_rss_mb'] / ddp:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Training configuration: one dataclass for base pretraining and for SuTI training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = field(default="suti", metadata={"help": "suti (ICL-V2 examples) or pretrain (web pairs, text-to-image)"})
+    data: str = field(default="runs/oracle", metadata={"help": "Parquet folder or URI: ICL-V2 for suti, web pairs for pretrain"})
+    preset: str = field(default="tiny-32", metadata={"help": "model preset when not starting from a checkpoint"})
+    init_from: str = field(default="", metadata={"help": "start weights: a checkpoint folder or single .safetensors file"})
+    resume_from: str = field(default="", metadata={"help": "a training checkpoint folder to resume (step, weights, EMA)"})
+    storage_path: str = field(default="runs/train", metadata={"help": "where Ray Train keeps checkpoints (local, s3://, gs://)"})
+    name: str = field(default="suti", metadata={"help": "run name under storage_path"})
+    export: str = field(default="", metadata={"help": "folder for the final EMA model (from_pretrained layout)"})
+    export_file: str = field(default="", metadata={"help": "also write the final EMA model as one .safetensors file"})
+    num_workers: int = field(default=1, metadata={"help": "training workers"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, NCCL + bf16"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
+    data_cpus: float = field(default=0.25, metadata={"help": "CPUs per Parquet read task (IO-bound; leaves cores to workers)"})
+    threads: int = field(default=1, metadata={"help": "torch threads per worker"})
+    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (0 = plain data parallel, 1, 2, 3)"})
+    offload: bool = field(default=False, metadata={"help": "ZeRO offload of optimizer state to CPU"})
+    batch_size: int = field(default=32, metadata={"help": "examples per worker per step"})
+    noise_repeats: int = field(default=2, metadata={"help": "noise levels per target (demos encoded once)"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps in total"})
+    lr: float = field(default=0.0, metadata={"help": "learning rate of pretrained weights (0: 1e-3 pretrain, 1e-4 suti)"})
+    new_lr: float = field(default=1e-3, metadata={"help": "learning rate of the new neighbour layers"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps (also after a resume)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of exported weights"})
+    text_drop: float = field(default=0.1, metadata={"help": "probability of dropping the prompt"})
+    demo_drop: float = field(default=0.1, metadata={"help": "probability of dropping the demos"})
+    max_demos: int = field(default=3, metadata={"help": "most demos per example in training"})
+    demo_grad: bool = field(default=False, metadata={"help": "backpropagate through the demo encoding"})
+    train_text_encoder: bool = field(default=True, metadata={"help": "train the text encoder (pixel presets)"})
+    checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
+    report_every: int = field(default=20, metadata={"help": "steps between metric reports"})
+    probe_every: int = field(default=100, metadata={"help": "steps between held-out demo-gain probes (suti)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
+    max_failures: int = field(default=2, metadata={"help": "worker failures survived by resuming"})
+    shuffle_buffer: int = field(default=2000, metadata={"help": "rows in the local shuffle buffer"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation and sampling"})
+
+    def __post_init__(self):
+        if self.mode not in ("suti", "pretrain"):
+            raise ValueError(f"mode must be suti or pretrain, got {self.mode!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError("zero_stage must be 0, 1, 2 or 3")
+        if not 1 <= self.max_demos:
+            raise ValueError("max_demos must be at least 1")
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr or (1e-3 if self.mode == "pretrain" else 1e-4)

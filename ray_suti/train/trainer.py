@@ -1,0 +1,63 @@
+"""The driver side: Ray Data over the Parquet shards, a TorchTrainer, and the export of the result."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+
+from .config import TrainConfig
+from .data import columns
+
+
+def _storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def export_checkpoint(checkpoint_dir: str, cfg: TrainConfig, command: str = "") -> dict:
+    """EMA weights of a training checkpoint -> the ``from_pretrained`` folder and/or one file."""
+    from .checkpoint import load_checkpoint
+    from .loop import start_pipeline
+
+    weights, ema, state = load_checkpoint(checkpoint_dir)
+    pipe = start_pipeline(cfg)
+    model_state = {**weights, **ema}
+    pipe.model.load_state_dict(model_state, strict=False)
+    if cfg.export:
+        pipe.save_pretrained(cfg.export)
+    if cfg.export_file:
+        pipe.save_single_file(cfg.export_file, metadata={"step": state["step"], "mode": cfg.mode, "command": command,
+                                                         "train_config": json.dumps(asdict(cfg))})
+    return state
+
+
+def run_training(cfg: TrainConfig, command: str = "") -> dict:
+    """Fits on the Ray cluster in RAY_ADDRESS (or an embedded one); returns a summary."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ..utils.ray_utils import init_ray
+    from .loop import train_loop_per_worker
+
+    init_ray()
+    dataset = ray.data.read_parquet(cfg.data, columns=columns(cfg.mode), ray_remote_args={"num_cpus": cfg.data_cpus})
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.name, storage_path=_storage(cfg.storage_path),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets={"train": dataset},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+    )
+    start = time.time()
+    result = trainer.fit()
+    summary = {"metrics": result.metrics, "minutes": round((time.time() - start) / 60, 2),
+               "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    if result.checkpoint and (cfg.export or cfg.export_file):
+        with result.checkpoint.as_directory() as d:
+            export_checkpoint(d, cfg, command)
+    return summary

@@ -1,0 +1,76 @@
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from ray_suti import SuTIPipeline
+from ray_suti.model.tokenizer import clip_tokenizer
+from ray_suti.train.checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from ray_suti.train.config import TrainConfig
+from ray_suti.train.data import Collate, decode
+from ray_suti.world.oracle import OracleConfig, oracle_example
+
+
+def _png(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_skips_broken_records_and_resizes():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, 32:] = 200
+    out = decode(_png(img), 32)
+    assert out.shape == (32, 32, 3) and out[0, 20:].min() == 200 and out[0, :12].max() == 0
+    good = _png(img)
+    for broken in (b"", b"<html>", good[:40], _png(np.zeros((1, 1, 3), np.uint8))):
+        assert decode(broken, 32) is None
+
+
+def test_icl_batches_pick_1_to_k_demos_and_draw_dropouts():
+    cfg = TrainConfig(max_demos=3, text_drop=0.5, demo_drop=0.5)
+    rows = [oracle_example(OracleConfig(num_demos=3), i) for i in range(40)]
+    rows[0]["demo_images"][1] = b"broken"
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    out = Collate(cfg, clip_tokenizer(32), 32, 32, seed=0)(batch)
+    assert out["target"].shape == (40, 3, 32, 32) and out["demo_images"].shape == (40, 3, 3, 32, 32)
+    counts = out["demo_valid"].sum(1)
+    assert counts.min() >= 1 and counts.max() == 3 and (counts < 3).any()
+    assert counts[0] <= 2  # the broken demo was dropped, the example kept
+    padded = ~out["demo_valid"]
+    assert (out["demo_images"][padded] == 0).all()
+    assert 5 < out["drop_text"].sum() < 35 and 5 < out["drop_demos"].sum() < 35
+    assert out["target"].min() >= -1 and out["target"].max() <= 1
+
+
+def test_web_pairs_batches_drop_broken_images():
+    cfg = TrainConfig(mode="pretrain")
+    imgs = [_png(np.full((32, 32, 3), i * 20, np.uint8)) for i in range(5)] + [b"nope"]
+    batch = {"image": np.array(imgs, dtype=object), "caption": np.array(["a toy"] * 5 + ["x"], dtype=object)}
+    out = Collate(cfg, clip_tokenizer(32), 32, 32, seed=0)(batch)
+    assert out["target"].shape == (5, 3, 32, 32) and out["prompt_ids"].shape == (5, 32)
+
+
+def test_checkpoints_and_single_files_round_trip(tmp_path):
+    pipe = SuTIPipeline.from_preset("tiny-32", seed=1)
+    weights = trainable_state(pipe.model)
+    ema = {k: v * 0.5 for k, v in weights.items() if v.is_floating_point()}
+    save_checkpoint(str(tmp_path / "c"), weights, ema, {"step": 7})
+    w2, e2, state = load_checkpoint(str(tmp_path / "c"))
+    assert state["step"] == 7 and all(torch.equal(weights[k], w2[k]) for k in weights)
+    assert all(torch.equal(ema[k], e2[k]) for k in ema)
+    pipe.save_single_file(str(tmp_path / "m.safetensors"), metadata={"step": 7})
+    again = SuTIPipeline.from_pretrained(str(tmp_path / "m.safetensors"))
+    assert SuTIPipeline.single_file_metadata(str(tmp_path / "m.safetensors"))["step"] == "7"
+    for k, v in pipe.model.state_dict().items():
+        assert torch.allclose(v.float(), again.model.state_dict()[k], atol=1e-2 * (1 + v.abs().max().item()))
+
+
+def test_bad_train_config_is_refused():
+    with pytest.raises(ValueError, match="mode"):
+        TrainConfig(mode="finetune")
+    with pytest.raises(ValueError, match="zero_stage"):
+        TrainConfig(zero_stage=4)

@@ -40,16 +40,18 @@ class SuTIPipelineOutput(BaseOutput):
     images: list | np.ndarray | torch.Tensor
 
 
-def make_scheduler(name: str, config: SuTIConfig):
+def _scheduler_kwargs(name: str, config: SuTIConfig) -> dict:
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
-    kwargs = dict(num_train_timesteps=1000, beta_schedule=config.beta_schedule,
-                  prediction_type=config.prediction_type, timestep_spacing="trailing")
     if name == "ddim":
-        kwargs.update(clip_sample=not config.latent, set_alpha_to_one=False)
-    else:
-        kwargs.update(algorithm_type="dpmsolver++", solver_order=2)
-    return SCHEDULERS[name](**kwargs)
+        return dict(clip_sample=not config.latent, set_alpha_to_one=False)
+    return dict(algorithm_type="dpmsolver++", solver_order=2)
+
+
+def make_scheduler(name: str, config: SuTIConfig):
+    return SCHEDULERS[name](num_train_timesteps=1000, beta_schedule=config.beta_schedule,
+                            prediction_type=config.prediction_type, timestep_spacing="trailing",
+                            **_scheduler_kwargs(name, config))
 
 
 def guidance_branches(text_scale: float, subject_scale: float, with_demos: bool) -> list[tuple[float, bool, bool]]:
@@ -186,8 +188,9 @@ class SuTIPipeline:
         return cls(SuTIModel(config, unet, text_encoder, vae), tokenizer, scheduler)
 
     def set_scheduler(self, name: str) -> "SuTIPipeline":
-        self.scheduler = SCHEDULERS[name].from_config(make_scheduler(name, self.config).config) \
-            if name in SCHEDULERS else make_scheduler(name, self.config)
+        """Switch sampler ("ddim" or "dpm++"), keeping the noise schedule the model was trained with."""
+        kwargs = _scheduler_kwargs(name, self.config)  # refuses unknown names
+        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config, **kwargs)
         return self
 
     # ---- progress --------------------------------------------------------------------------

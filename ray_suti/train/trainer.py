@@ -41,7 +41,7 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
     from .loop import train_loop_per_worker
 
     init_ray()
-    dataset = ray.data.read_parquet(cfg.data, columns=columns(cfg.mode), ray_remote_args={"num_cpus": cfg.data_cpus})
+    dataset = ray.data.read_parquet(cfg.data, columns=columns(cfg.mode), num_cpus=cfg.data_cpus)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -6,6 +6,7 @@ return only counts, so the driver's memory does not grow with the number of page
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from ..utils.images import contact_sheet, encode, encode_png
 from .contexts import SCENES, Context, sample_context
@@ -151,15 +153,15 @@ def generate_page(cfg: WorldConfig, page_index: int) -> list[tuple[dict, dict]]:
             else:
                 seed, image, mask = -1, _junk_image(rng, cfg.image_size), None
         elif rows and (kind == "dup" or rng.random() < cfg.dup_image_rate):
-            source = rows[0] if kind == "dup" else rows[int(rng.integers(len(rows)))]
-            image, mask, ctx, is_dup = _jittered_copy(source[2], rng), source[3], source[4], True
+            seed, ctx, source, mask, _ = rows[0] if kind == "dup" else rows[int(rng.integers(len(rows)))]
+            image, is_dup = _jittered_copy(source, rng), True
         else:
             ctx = sample_context(rng, jitter=cfg.jitter)
             image, mask = render(subject, ctx, cfg.image_size)
-        rows.append((seed, ctx, image, mask, ctx, is_dup))
+        rows.append((seed, ctx, image, mask, is_dup))
 
     out = []
-    for i, (seed, ctx, image, mask, _, is_dup) in enumerate(rows):
+    for i, (seed, ctx, image, mask, is_dup) in enumerate(rows):
         key = f"{page_index:07d}{i:02d}"
         class_word = Subject.from_seed(seed).class_word if seed >= 0 else None
         prompt = ctx.prompt(class_word) if ctx is not None else ""
@@ -217,9 +219,6 @@ def _merge(total: dict, part: dict) -> dict:
 
 def write_preview(cfg: WorldConfig, path: str) -> None:
     """A contact sheet of the first pages, one row each, read back from the written shard."""
-    from PIL import Image
-    import io
-
     table = pq.read_table(os.path.join(cfg.out, "web", "part-00000.parquet"), columns=["key", "image"])
     truth = pq.read_table(os.path.join(cfg.out, "truth", "part-00000.parquet"),
                           columns=["page_index", "page_kind"]).to_pylist()

@@ -74,6 +74,15 @@ def test_precomputed_subject_features_match_photos(pipe):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_switching_samplers_keeps_the_trained_noise_schedule(pipe):
+    p = copy.copy(pipe).set_scheduler("dpm++")
+    assert type(p.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert p.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type == "v_prediction"
+    assert p.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        p.set_scheduler("euler-magic")
+
+
 def test_dpm_solver_and_batches_of_prompts_with_their_own_subjects(pipe):
     p = copy.copy(pipe).set_scheduler("dpm++")
     out = p(["a toy", "a mug in the snow"], [_subject(21, 2), _subject(33, 4)], num_inference_steps=3,

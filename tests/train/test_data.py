@@ -74,3 +74,15 @@ def test_bad_train_config_is_refused():
         TrainConfig(mode="finetune")
     with pytest.raises(ValueError, match="zero_stage"):
         TrainConfig(zero_stage=4)
+
+
+def test_a_single_file_of_the_same_mode_carries_its_step_on(tmp_path):
+    from ray_suti.train.loop import continued_step
+
+    pipe = SuTIPipeline.from_preset("tiny-32")
+    pipe.save_single_file(str(tmp_path / "suti.safetensors"), metadata={"step": 321, "mode": "suti"})
+    pipe.save_single_file(str(tmp_path / "base.safetensors"), metadata={"step": 900, "mode": "pretrain"})
+    assert continued_step(TrainConfig(init_from=str(tmp_path / "suti.safetensors"))) == 321
+    assert continued_step(TrainConfig(init_from=str(tmp_path / "base.safetensors"))) == 0  # a new stage
+    assert continued_step(TrainConfig(mode="pretrain", init_from=str(tmp_path / "base.safetensors"))) == 900
+    assert continued_step(TrainConfig()) == 0

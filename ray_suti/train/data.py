@@ -6,27 +6,23 @@ draw the text and demo dropouts for classifier-free guidance.
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from PIL import Image
 
+from ..utils.images import inspect_image
 from .config import TrainConfig
 
 
 def decode(data, size: int) -> np.ndarray | None:
     """Encoded bytes -> (size, size, 3) uint8, or None for anything broken."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > 4096 * 4096 or min(img.size) < 8:
-            return None
-        img = img.convert("RGB")
-        if img.size != (size, size):  # area averaging, as the world renders
-            img = img.resize((size, size), Image.BOX)
-        return np.asarray(img)
-    except Exception:
+    img, reason = inspect_image(data)
+    if reason:
         return None
+    img = img.convert("RGB")
+    if img.size != (size, size):  # area averaging, as the world renders
+        img = img.resize((size, size), Image.BOX)
+    return np.asarray(img)
 
 
 def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:

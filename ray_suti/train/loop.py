@@ -160,9 +160,10 @@ def train_loop_per_worker(config: dict) -> None:
     engine, optimizer, _, _ = deepspeed.initialize(model=LossModule(model, cfg).to(device), optimizer=optimizer,
                                                    config=deepspeed_config(cfg))
     ema_names = [n for n, _ in named]
+    ema = {n: v.to(device) for n, v in ema.items()} if ema is not None and rank == 0 else ema
     with _gathered([p for _, p in named], cfg.zero_stage):
         if rank == 0 and ema is None:
-            ema = {n: p.detach().float().cpu().clone() for n, p in named}
+            ema = {n: p.detach().float().clone() for n, p in named}  # on the worker's device
 
     collate = Collate(cfg, pipe.tokenizer, model.config.image_size, model.config.max_text_len,
                       seed=cfg.seed * 1_000_003 + rank * 7919 + step)
@@ -219,7 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                save_checkpoint(tmp, weights, {n: ema[n] for n in ema_names},
+                save_checkpoint(tmp, weights, {n: ema[n].cpu() for n in ema_names},
                                 {"step": step, "suti_config": model.config.to_dict(), "train_config": config})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -230,7 +231,8 @@ def demo_gain(model, probe: dict, device) -> float:
     """1 - loss(with demos) / loss(demos dropped), same noise and timesteps: > 0 once demos help."""
     was_training = model.training
     model.eval()
-    batch = {k: v.to(device) for k, v in probe.items()}
+    dtype = next(model.unet.parameters()).dtype  # bf16 under DeepSpeed on GPU
+    batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in probe.items()}
     scheduler = model.noise_scheduler()
     with_demos = model.loss(batch, scheduler, generator=torch.Generator(device).manual_seed(0), noise_repeats=4)
     batch["drop_demos"] = torch.ones(batch["target"].shape[0], dtype=torch.bool, device=device)

@@ -4,7 +4,31 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+MAX_RECORD_PIXELS = 4096 * 4096  # web records above this are refused before decoding (bombs)
+
+
+def inspect_image(data, min_side: int = 8, max_pixels: int = MAX_RECORD_PIXELS) -> tuple[Image.Image | None, str | None]:
+    """Encoded bytes of a web record -> (decoded image, None) or (None, reason): ``empty``,
+    ``not_image``, ``too_large``, ``too_small`` or ``truncated``. Never raises."""
+    if not data:
+        return None, "empty"
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None, "not_image"
+    if img.width * img.height > max_pixels:
+        return None, "too_large"
+    if min(img.size) < min_side:
+        return None, "too_small"
+    try:
+        img.load()
+    except Exception:  # PIL raises OSError / SyntaxError / struct errors for cut-off files
+        return None, "truncated"
+    return img, None
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -6,7 +6,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-MAX_RECORD_PIXELS = 4096 * 4096  # web records above this are refused before decoding (bombs)
+MAX_RECORD_PIXELS = 16_000_000  # web records above 16 MP are refused before decoding (bombs)
 
 
 def inspect_image(data, min_side: int = 8, max_pixels: int = MAX_RECORD_PIXELS) -> tuple[Image.Image | None, str | None]:

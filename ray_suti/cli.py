@@ -19,6 +19,19 @@ def _world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_dataset(args: argparse.Namespace) -> int:
+    from .data.builder import BuildConfig, build_dataset
+
+    cfg = from_args(BuildConfig, args)
+    try:
+        stats = build_dataset(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print(json.dumps({k: v for k, v in stats.items() if k != "mean_sim_histogram"}, indent=2, sort_keys=True))
+    print(f"clusters: {cfg.output}/clusters   stats: {cfg.output}/stats.json")
+    return 0
+
+
 def _oracle(args: argparse.Namespace) -> int:
     from .world.oracle import OracleConfig, write_oracle
 
@@ -131,8 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, WorldConfig)
     p.set_defaults(func=_world)
 
+    from .data.builder import BuildConfig
     from .train.config import TrainConfig
     from .world.oracle import OracleConfig
+
+    p = sub.add_parser("build-dataset", help="stage 1: web pairs -> ICL clusters (Ray Data, CLIP-filtered)")
+    add_dataclass_args(p, BuildConfig)
+    p.set_defaults(func=_build_dataset)
 
     p = sub.add_parser("oracle", help="write oracle ICL-V2 examples (the renderer as a perfect expert)")
     add_dataclass_args(p, OracleConfig)

@@ -14,3 +14,22 @@ ICL_V2_SCHEMA = pa.schema([
     ("clip_t", pa.float32()),
     ("expert", pa.string()),  # who drew the target: an expert id, or "oracle-renderer"
 ])
+
+# Stage 1 -> 3: one row per page group. Dropped groups stay (with their reason) for auditing;
+# consumers read rows where ``kept`` is true.
+ICL_CLUSTER_SCHEMA = pa.schema([
+    ("cluster_id", pa.string()),
+    ("page_url", pa.string()),  # normalised
+    ("kept", pa.bool_()),
+    ("drop_reason", pa.string()),  # "" when kept
+    ("images", pa.list_(pa.binary())),
+    ("captions", pa.list_(pa.string())),
+    ("embeddings", pa.list_(pa.list_(pa.float32()))),
+    ("n_records", pa.int32()),  # records of the page in the crawl, broken ones included
+    ("n_images", pa.int32()),  # images kept in the cluster
+    ("duplicates_removed", pa.int32()),
+    ("mean_sim", pa.float32()),  # pairwise cosine of the kept images' CLIP embeddings
+    ("min_sim", pa.float32()),
+    ("max_sim", pa.float32()),
+    ("record_reasons", pa.string()),  # JSON {reason: count} of the page's skipped records
+])

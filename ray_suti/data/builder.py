@@ -1,0 +1,209 @@
+"""Stage 1: web pairs -> in-context clusters, streamed with Ray Data.
+
+    read Parquet shards (checked first: a bad shard fails naming the file, or is skipped)
+    -> validate each record (decode; a reason for every skip) and normalise its page URL
+    -> embed valid images with CLIP on an actor pool (batch size, concurrency, GPUs from config)
+    -> group by page -> per page: drop near-duplicates, then incoherent or too-small clusters
+    -> write ICL-cluster Parquet (every page, with ``kept`` and ``drop_reason``) + stats.json
+
+Near-duplicates go first because near-identical demos and targets teach copy-paste (DESIGN.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..schemas import ICL_CLUSTER_SCHEMA
+from ..utils.images import inspect_image
+from .captions import clean_caption
+from .urls import normalize_page_url
+
+WEB_COLUMNS = {"key": pa.string(), "page_url": pa.string(), "caption": pa.string(), "image": pa.binary()}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    input: str = field(default="runs/world/web", metadata={"help": "web-pairs Parquet folder, file or URI"})
+    output: str = field(default="runs/clusters", metadata={"help": "output folder or URI"})
+    min_cluster: int = field(default=3, metadata={"help": "fewest images in a kept cluster"})
+    max_cluster: int = field(default=8, metadata={"help": "most images kept per cluster"})
+    min_side: int = field(default=16, metadata={"help": "smallest image side accepted, px"})
+    clip_model: str = field(default="tiny", metadata={"help": "tiny (embedded default) or an open_clip model name"})
+    clip_pretrained: str = field(default="", metadata={"help": "tiny: safetensors from train-clip; else a tag or path"})
+    embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
+    embed_concurrency: int = field(default=1, metadata={"help": "embedding actors"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per embedding actor"})
+    coherence_threshold: float = field(default=0.5, metadata={"help": "drop clusters whose mean pairwise cosine is below"})
+    duplicate_threshold: float = field(default=0.95, metadata={"help": "images closer than this to a kept one are dropped"})
+    tolerate_bad_shards: bool = field(default=False, metadata={"help": "skip unreadable shards with a warning"})
+
+
+def check_shards(path: str, tolerate: bool) -> tuple[list[str], object, list[str]]:
+    """(readable Parquet files, filesystem, skipped files). A corrupt footer, a missing column or a
+    wrong type raises ValueError naming the file, unless ``tolerate``."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no input at {path}")
+    files = [root] if info.type == pafs.FileType.File else sorted(
+        f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+    good, skipped = [], []
+    for f in files:
+        try:
+            with fs.open_input_file(f) as handle:
+                schema = pq.read_schema(handle)
+            problems = [f"missing column {c!r}" for c in WEB_COLUMNS if c not in schema.names]
+            problems += [f"column {c!r} is {schema.field(c).type}, expected {t}" for c, t in WEB_COLUMNS.items()
+                         if c in schema.names and not schema.field(c).type.equals(t)
+                         and not (t == pa.binary() and schema.field(c).type == pa.large_binary())]
+            if problems:
+                raise ValueError("; ".join(problems))
+            good.append(f)
+        except Exception as e:
+            message = f"bad web-pairs shard {f}: {e}"
+            if not tolerate:
+                raise ValueError(message) from None
+            print(f"warning: skipping {message}", flush=True)
+            skipped.append(f)
+    if not good:
+        raise ValueError(f"no readable web-pairs shards under {path}")
+    return good, fs, skipped
+
+
+def validate_records(batch: pd.DataFrame, min_side: int) -> pd.DataFrame:
+    """Adds ``page_key`` and ``reason`` ("" for good records); broken images are emptied."""
+    keys, reasons, images = [], [], []
+    for url, data in zip(batch["page_url"], batch["image"]):
+        key = normalize_page_url(url)
+        img, reason = inspect_image(data, min_side=min_side)
+        reason = reason or ("" if key else "no_page_url")
+        keys.append(key or "")
+        reasons.append(reason)
+        images.append(data if not reason else b"")
+    return batch.assign(page_key=keys, reason=reasons, image=images)
+
+
+class ClipEmbedder:
+    """Actor: adds a unit-length CLIP ``embedding`` to valid records (empty list for the rest)."""
+
+    def __init__(self, model: str, pretrained: str, use_gpu: bool):
+        import torch
+
+        from .clip import load_clip
+
+        torch.set_num_threads(1)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.clip, self.size = load_clip(model, pretrained, self.device)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from .clip import embed_images
+
+        valid = [i for i, r in enumerate(batch["reason"]) if not r]
+        images = [inspect_image(batch["image"].iloc[i])[0] for i in valid]
+        feats = embed_images(self.clip, images, self.size, self.device)
+        out = [[] for _ in range(len(batch))]
+        for i, f in zip(valid, feats):
+            out[i] = f.astype(np.float32).tolist()
+        return batch.assign(embedding=out)
+
+
+def make_cluster(group: pd.DataFrame, cfg: BuildConfig) -> pa.Table:
+    """One page's records -> one ICL-cluster row (kept or dropped, with a reason)."""
+    key = group["page_key"].iloc[0]
+    reasons = Counter(r for r in group["reason"] if r)
+    valid = group[group["reason"] == ""]
+    emb = np.array(valid["embedding"].tolist(), np.float32).reshape(len(valid), -1)
+    keep: list[int] = []
+    for i in range(len(valid)):  # greedy: the first of a set of near-duplicates stays
+        if not keep or (emb[keep] @ emb[i]).max() <= cfg.duplicate_threshold:
+            keep.append(i)
+    dups = len(valid) - len(keep)
+    keep = keep[: cfg.max_cluster]
+    sims = emb[keep] @ emb[keep].T if keep else np.zeros((0, 0))
+    pairs = sims[np.triu_indices(len(keep), 1)] if len(keep) > 1 else np.array([np.nan])
+    mean_sim = float(np.mean(pairs))
+    drop = ("no_page_url" if not key else "too_few_images" if len(keep) < cfg.min_cluster
+            else "incoherent" if mean_sim < cfg.coherence_threshold else "")
+    rows = valid.iloc[keep]
+    return pa.Table.from_pylist([{
+        "cluster_id": hashlib.sha1((key or "no-page").encode()).hexdigest()[:16], "page_url": key,
+        "kept": not drop, "drop_reason": drop, "images": list(rows["image"]),
+        "captions": [clean_caption(c) for c in rows["caption"]], "embeddings": list(rows["embedding"]),
+        "n_records": len(group), "n_images": len(keep), "duplicates_removed": dups,
+        "mean_sim": mean_sim, "min_sim": float(np.min(pairs)), "max_sim": float(np.max(pairs)),
+        "record_reasons": json.dumps(dict(sorted(reasons.items()))),
+    }], schema=ICL_CLUSTER_SCHEMA)
+
+
+def build_dataset(cfg: BuildConfig) -> dict:
+    import ray.data
+
+    from ..utils.ray_utils import init_ray
+
+    files, fs, skipped = check_shards(cfg.input, cfg.tolerate_bad_shards)
+    init_ray()
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=list(WEB_COLUMNS))
+    ds = ds.map_batches(validate_records, fn_kwargs={"min_side": cfg.min_side}, batch_format="pandas")
+    ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
+                                                            "use_gpu": cfg.num_gpus > 0},
+                        batch_size=cfg.embed_batch_size, concurrency=cfg.embed_concurrency, num_gpus=cfg.num_gpus,
+                        batch_format="pandas")
+    ds = ds.groupby("page_key").map_groups(make_cluster, fn_kwargs={"cfg": cfg}, batch_format="pandas")
+    out = os.path.join(cfg.output, "clusters")
+    ds.write_parquet(out)
+    stats = cluster_stats(out, skipped)
+    with open(os.path.join(cfg.output, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=2, sort_keys=True)
+    write_preview(out, os.path.join(cfg.output, "clusters.png"))
+    return stats
+
+
+def write_preview(clusters_dir: str, path: str, per_kind: int = 6) -> None:
+    """Kept and dropped example clusters, one row each, read shard by shard until enough are found."""
+    import glob
+
+    from ..utils.images import contact_sheet
+
+    rows, labels, counts = [], [], Counter()
+    for f in sorted(glob.glob(os.path.join(clusters_dir, "*.parquet"))):
+        for r in pq.read_table(f, columns=["kept", "drop_reason", "images", "mean_sim"]).to_pylist():
+            kind = "kept" if r["kept"] else r["drop_reason"]
+            if counts["kept" if r["kept"] else "dropped"] >= per_kind or not r["images"]:
+                continue
+            counts["kept" if r["kept"] else "dropped"] += 1
+            rows.append([np.asarray(inspect_image(b)[0].convert("RGB")) for b in r["images"]])
+            labels.append(f"{kind} (sim {r['mean_sim']:.2f})")
+        if min(counts["kept"], counts["dropped"]) >= per_kind:
+            break
+    if rows:
+        contact_sheet(rows, labels, cell=48).save(path)
+
+
+def cluster_stats(clusters_dir: str, skipped_shards: list[str]) -> dict:
+    """Counts from the written clusters (small columns only)."""
+    t = pq.read_table(clusters_dir, columns=["kept", "drop_reason", "n_records", "n_images", "duplicates_removed",
+                                             "mean_sim", "record_reasons"]).to_pandas()
+    records = Counter()
+    for r in t["record_reasons"]:
+        records.update(json.loads(r))
+    kept = t[t["kept"]]
+    hist = lambda s: np.histogram(s.dropna(), bins=10, range=(-1, 1))[0].tolist()  # noqa: E731
+    return {
+        "records_in": int(t["n_records"].sum()), "records_skipped": dict(records),
+        "images_kept": int(kept["n_images"].sum()), "duplicates_removed": int(t["duplicates_removed"].sum()),
+        "clusters_kept": int(len(kept)), "clusters_dropped": dict(Counter(t.loc[~t["kept"], "drop_reason"])),
+        "mean_sim_histogram": {"bins": np.linspace(-1, 1, 11).round(2).tolist(), "kept": hist(kept["mean_sim"]),
+                               "dropped": hist(t.loc[~t["kept"], "mean_sim"])},
+        "skipped_shards": skipped_shards,
+    }

@@ -1,0 +1,53 @@
+"""CLIP image embeddings for the dataset builder, through one code path for every model.
+
+``model="tiny"`` is the embedded default's small open_clip CLIP (a custom config: no download),
+whose weights come from ``pretrained`` (a safetensors file written by ``ray-suti train-clip``) or
+stay random. Any other name is an open_clip model with a pretrained tag or a local checkpoint path,
+as real runs use (e.g. ``ViT-B-32`` + ``laion2b_s34b_b79k`` or ``/models/clip.bin``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TINY_CLIP = dict(embed_dim=64,
+                 vision_cfg={"image_size": 32, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+                 text_cfg={"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2})
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def load_clip(model: str = "tiny", pretrained: str = "", device: str = "cpu"):
+    """-> (open_clip model in eval mode, input image size)."""
+    import open_clip
+
+    if model == "tiny":
+        with torch.random.fork_rng():  # untrained weights are still the same on every actor and run
+            torch.manual_seed(0)
+            clip = open_clip.model.CLIP(**TINY_CLIP)
+        if pretrained:
+            from safetensors.torch import load_file
+
+            clip.load_state_dict(load_file(pretrained))
+        size = TINY_CLIP["vision_cfg"]["image_size"]
+    else:
+        clip = open_clip.create_model(model, pretrained=pretrained or None)
+        size = clip.visual.image_size if isinstance(clip.visual.image_size, int) else clip.visual.image_size[0]
+    return clip.to(device).eval(), size
+
+
+def preprocess(images, size: int) -> torch.Tensor:
+    """PIL images -> (N, 3, size, size) normalised as CLIP expects (centre square, bicubic)."""
+    from ..model.inputs import square
+
+    arrays = [(np.asarray(square(img.convert("RGB"), size), np.float32) / 255 - MEAN) / STD for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def embed_images(clip, images, size: int, device: str = "cpu") -> np.ndarray:
+    """-> (N, D) float32, unit length."""
+    if not images:
+        return np.zeros((0, clip.visual.output_dim if hasattr(clip.visual, "output_dim") else 0), np.float32)
+    feats = clip.encode_image(preprocess(images, size).to(device))
+    return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()

@@ -32,6 +32,15 @@ def _build_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_clip(args: argparse.Namespace) -> int:
+    from .data.train_clip import ClipTrainConfig, train_clip
+
+    cfg = from_args(ClipTrainConfig, args)
+    print(json.dumps(train_clip(cfg), default=str))
+    print(f"CLIP weights: {cfg.output}  (use: ray-suti build-dataset --clip-pretrained {cfg.output})")
+    return 0
+
+
 def _oracle(args: argparse.Namespace) -> int:
     from .world.oracle import OracleConfig, write_oracle
 
@@ -147,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.builder import BuildConfig
     from .train.config import TrainConfig
     from .world.oracle import OracleConfig
+
+    from .data.train_clip import ClipTrainConfig
+
+    p = sub.add_parser("train-clip", help="train the embedded default's small CLIP on web pairs (Ray Train)")
+    add_dataclass_args(p, ClipTrainConfig)
+    p.set_defaults(func=_train_clip)
 
     p = sub.add_parser("build-dataset", help="stage 1: web pairs -> ICL clusters (Ray Data, CLIP-filtered)")
     add_dataclass_args(p, BuildConfig)

@@ -48,6 +48,6 @@ def preprocess(images, size: int) -> torch.Tensor:
 def embed_images(clip, images, size: int, device: str = "cpu") -> np.ndarray:
     """-> (N, D) float32, unit length."""
     if not images:
-        return np.zeros((0, clip.visual.output_dim if hasattr(clip.visual, "output_dim") else 0), np.float32)
+        return np.zeros((0, 0), np.float32)
     feats = clip.encode_image(preprocess(images, size).to(device))
     return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()

@@ -7,7 +7,7 @@ real weights by ``SuTIPipeline.from_base(path)``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

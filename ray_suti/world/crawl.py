@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ..utils.images import contact_sheet, encode, encode_png
-from .contexts import SCENES, Context, sample_context
+from .contexts import SCENES, sample_context
 from .render import background, render, _downsample, _grid
 from .subjects import Subject, train_seed
 

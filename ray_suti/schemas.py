@@ -22,6 +22,7 @@ ICL_CLUSTER_SCHEMA = pa.schema([
     ("page_url", pa.string()),  # normalised
     ("kept", pa.bool_()),
     ("drop_reason", pa.string()),  # "" when kept
+    ("keys", pa.list_(pa.string())),  # web-pair keys of the kept images (provenance)
     ("images", pa.list_(pa.binary())),
     ("captions", pa.list_(pa.string())),
     ("embeddings", pa.list_(pa.list_(pa.float32()))),

@@ -138,7 +138,7 @@ def make_cluster(group: pd.DataFrame, cfg: BuildConfig) -> pa.Table:
     rows = valid.iloc[keep]
     return pa.Table.from_pylist([{
         "cluster_id": hashlib.sha1((key or "no-page").encode()).hexdigest()[:16], "page_url": key,
-        "kept": not drop, "drop_reason": drop, "images": list(rows["image"]),
+        "kept": not drop, "drop_reason": drop, "keys": list(rows["key"]), "images": list(rows["image"]),
         "captions": [clean_caption(c) for c in rows["caption"]], "embeddings": list(rows["embedding"]),
         "n_records": len(group), "n_images": len(keep), "duplicates_removed": dups,
         "mean_sim": mean_sim, "min_sim": float(np.min(pairs)), "max_sim": float(np.max(pairs)),

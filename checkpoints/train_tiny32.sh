@@ -5,6 +5,10 @@
 #
 #   first run:  bash checkpoints/train_tiny32.sh fresh  PRETRAIN_MIN SUTI_MIN
 #   carry on:   bash checkpoints/train_tiny32.sh resume SUTI_MIN      (continues from the committed file)
+#
+# Since session 2 the SuTI stage uses cosine neighbour attention and draws half its timesteps from
+# the noisier half (docs/NOTES.md: near-uniform attention and where the demos help); a committed
+# file trained without them is switched over on its next resume.
 set -euo pipefail
 mode=${1:?fresh or resume}
 work=${WORK:-/tmp/suti}
@@ -44,5 +48,6 @@ else
 fi
 python3 -m ray_suti.train.local --mode suti --init-from "$init" --data "$work/oracle" --steps 1000000 \
   --max-minutes "$minutes" --noise-repeats 2 --storage-path "$work/runs" --name suti \
+  --neighbour-cosine --high-noise-frac 0.5 \
   --export-file "$out/tiny-32.safetensors.new" $common
 mv "$out/tiny-32.safetensors.new" "$out/tiny-32.safetensors"

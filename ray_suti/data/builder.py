@@ -1,6 +1,7 @@
 """Stage 1: web pairs -> in-context clusters, streamed with Ray Data.
 
-    read Parquet shards (checked first: a bad shard fails naming the file, or is skipped)
+    read web-pairs shards: Parquet, or img2dataset's webdataset tars (checked first: a bad shard
+    fails naming the file, or is skipped)
     -> validate each record (decode; a reason for every skip) and normalise its page URL
     -> embed valid images with CLIP on an actor pool (batch size, concurrency, GPUs from config)
     -> group by page -> per page: drop near-duplicates, then incoherent or too-small clusters
@@ -27,6 +28,7 @@ from .captions import clean_caption
 from .urls import normalize_page_url
 
 WEB_COLUMNS = {"key": pa.string(), "page_url": pa.string(), "caption": pa.string(), "image": pa.binary()}
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,46 @@ class BuildConfig:
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per embedding actor"})
     coherence_threshold: float = field(default=0.5, metadata={"help": "drop clusters whose mean pairwise cosine is below"})
     duplicate_threshold: float = field(default=0.95, metadata={"help": "images closer than this to a kept one are dropped"})
+    captioner: str = field(default="alt", metadata={"help": "alt (clean the alt text) or a local transformers image-to-text model folder"})
+    caption_concurrency: int = field(default=1, metadata={"help": "captioning actors (model captioner)"})
     tolerate_bad_shards: bool = field(default=False, metadata={"help": "skip unreadable shards with a warning"})
 
 
+def _check_parquet(fs, path: str) -> None:
+    with fs.open_input_file(path) as handle:
+        schema = pq.read_schema(handle)
+    problems = [f"missing column {c!r}" for c in WEB_COLUMNS if c not in schema.names]
+    problems += [f"column {c!r} is {schema.field(c).type}, expected {t}" for c, t in WEB_COLUMNS.items()
+                 if c in schema.names and not schema.field(c).type.equals(t)
+                 and not (t == pa.binary() and schema.field(c).type == pa.large_binary())]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _check_tar(fs, path: str) -> None:
+    """img2dataset's webdataset layout: ``KEY.jpg|png|webp`` + ``KEY.json`` (with ``page_url``) per sample."""
+    import tarfile
+
+    with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+        first: dict = {}
+        for member in tar:  # the first sample is enough: img2dataset writes every sample alike
+            key, _, ext = member.name.rpartition(".")
+            if first and key != next(iter(first)):
+                break
+            first.setdefault(key, set()).add(ext.lower())
+    if not first:
+        raise ValueError("empty tar")
+    exts = next(iter(first.values()))
+    if not exts & set(TAR_IMAGE_EXTENSIONS):
+        raise ValueError(f"first sample has no image ({sorted(exts)})")
+    if "json" not in exts:
+        raise ValueError("first sample has no .json (img2dataset metadata with page_url)")
+
+
 def check_shards(path: str, tolerate: bool) -> tuple[list[str], object, list[str]]:
-    """(readable Parquet files, filesystem, skipped files). A corrupt footer, a missing column or a
-    wrong type raises ValueError naming the file, unless ``tolerate``."""
+    """(readable shards, filesystem, skipped files): ``.parquet`` files and img2dataset ``.tar``
+    shards under ``path`` (local or any pyarrow URI). A corrupt file, a missing column or a wrong
+    type raises ValueError naming the file, unless ``tolerate``."""
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
@@ -57,18 +93,11 @@ def check_shards(path: str, tolerate: bool) -> tuple[list[str], object, list[str
         raise FileNotFoundError(f"no input at {path}")
     files = [root] if info.type == pafs.FileType.File else sorted(
         f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+        if f.type == pafs.FileType.File and f.path.endswith((".parquet", ".tar")))
     good, skipped = [], []
     for f in files:
         try:
-            with fs.open_input_file(f) as handle:
-                schema = pq.read_schema(handle)
-            problems = [f"missing column {c!r}" for c in WEB_COLUMNS if c not in schema.names]
-            problems += [f"column {c!r} is {schema.field(c).type}, expected {t}" for c, t in WEB_COLUMNS.items()
-                         if c in schema.names and not schema.field(c).type.equals(t)
-                         and not (t == pa.binary() and schema.field(c).type == pa.large_binary())]
-            if problems:
-                raise ValueError("; ".join(problems))
+            (_check_tar if f.endswith(".tar") else _check_parquet)(fs, f)
             good.append(f)
         except Exception as e:
             message = f"bad web-pairs shard {f}: {e}"
@@ -79,6 +108,40 @@ def check_shards(path: str, tolerate: bool) -> tuple[list[str], object, list[str
     if not good:
         raise ValueError(f"no readable web-pairs shards under {path}")
     return good, fs, skipped
+
+
+def webdataset_to_pairs(batch: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ``read_webdataset(decoder=None)`` (one column per file extension) -> web pairs."""
+    keys, pages, captions, images = [], [], [], []
+    for i in range(len(batch)):
+        row = batch.iloc[i]
+        try:
+            meta = json.loads(row["json"]) if isinstance(row.get("json"), (bytes, str)) else {}
+        except ValueError:
+            meta = {}
+        image = next((row[e] for e in TAR_IMAGE_EXTENSIONS if e in row and isinstance(row[e], bytes)), b"")
+        text = row.get("txt")
+        keys.append(str(meta.get("key") or row["__key__"]))
+        pages.append(meta.get("page_url"))
+        captions.append(text.decode("utf-8", "replace") if isinstance(text, bytes) else meta.get("caption"))
+        images.append(image)
+    return pd.DataFrame({"key": keys, "page_url": pages, "caption": captions, "image": images})
+
+
+def read_web_pairs(files: list[str], fs, num_cpus: float | None = None):
+    """A Ray Dataset of ``WEB_COLUMNS`` from checked Parquet and tar shards (streamed); ``num_cpus``
+    per read task (reads are IO-bound: a fraction leaves cores to training workers)."""
+    import ray.data
+
+    parquet = [f for f in files if f.endswith(".parquet")]
+    tars = [f for f in files if f.endswith(".tar")]
+    parts = []
+    if parquet:
+        parts.append(ray.data.read_parquet(parquet, filesystem=fs, columns=list(WEB_COLUMNS), num_cpus=num_cpus))
+    if tars:
+        parts.append(ray.data.read_webdataset(tars, filesystem=fs, decoder=None, num_cpus=num_cpus)
+                     .map_batches(webdataset_to_pairs, batch_format="pandas", num_cpus=num_cpus))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def validate_records(batch: pd.DataFrame, min_side: int) -> pd.DataFrame:
@@ -118,11 +181,34 @@ class ClipEmbedder:
         return batch.assign(embedding=out)
 
 
+class CaptionActor:
+    """Actor: rewrites the captions of kept clusters with a model captioner (``captions.py``)."""
+
+    def __init__(self, spec: str, use_gpu: bool):
+        import torch
+
+        from .captions import make_captioner
+
+        torch.set_num_threads(1)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.captioner = make_captioner(spec, device)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = [i for i, kept in enumerate(batch["kept"]) if kept]
+        images = [inspect_image(b)[0] for i in rows for b in batch["images"].iloc[i]]
+        alts = [c for i in rows for c in batch["captions"].iloc[i]]
+        new = iter(self.captioner(images, alts))
+        captions = [list(c) for c in batch["captions"]]
+        for i in rows:
+            captions[i] = [next(new) for _ in captions[i]]
+        return batch.assign(captions=captions)
+
+
 def make_cluster(group: pd.DataFrame, cfg: BuildConfig) -> pa.Table:
     """One page's records -> one ICL-cluster row (kept or dropped, with a reason)."""
     key = group["page_key"].iloc[0]
     reasons = Counter(r for r in group["reason"] if r)
-    valid = group[group["reason"] == ""]
+    valid = group[group["reason"] == ""].sort_values("key")  # the shuffle's order is arbitrary: keys decide which copy stays
     emb = np.array(valid["embedding"].tolist(), np.float32).reshape(len(valid), -1)
     keep: list[int] = []
     for i in range(len(valid)):  # greedy: the first of a set of near-duplicates stays
@@ -146,14 +232,34 @@ def make_cluster(group: pd.DataFrame, cfg: BuildConfig) -> pa.Table:
     }], schema=ICL_CLUSTER_SCHEMA)
 
 
+def recaption(clusters_dir: str, cfg: BuildConfig) -> None:
+    """A second pass over the written clusters with the model captioner. Separate from the first, so
+    its actors never hold CPUs while the CLIP actors still need them (on a small cluster the two
+    pools together starved the reads and the job stalled)."""
+    import shutil
+
+    import ray.data
+
+    tmp = clusters_dir.rstrip("/") + ".captioned"
+    ds = ray.data.read_parquet(clusters_dir)
+    ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={"spec": cfg.captioner, "use_gpu": cfg.num_gpus > 0},
+                        batch_size=16, concurrency=cfg.caption_concurrency, num_gpus=cfg.num_gpus,
+                        batch_format="pandas")
+    ds.write_parquet(tmp)
+    shutil.rmtree(clusters_dir)
+    os.replace(tmp, clusters_dir)
+
+
 def build_dataset(cfg: BuildConfig) -> dict:
     import ray.data
 
     from ..utils.ray_utils import init_ray
 
     files, fs, skipped = check_shards(cfg.input, cfg.tolerate_bad_shards)
+    if cfg.captioner != "alt" and not os.path.isdir(cfg.captioner):
+        raise ValueError(f"--captioner must be 'alt' or a local transformers model folder, got {cfg.captioner!r}")
     init_ray()
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=list(WEB_COLUMNS))
+    ds = read_web_pairs(files, fs, num_cpus=0.25)  # IO-bound; whole cores go to the actor pools
     ds = ds.map_batches(validate_records, fn_kwargs={"min_side": cfg.min_side}, batch_format="pandas")
     ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
                                                             "use_gpu": cfg.num_gpus > 0},
@@ -162,6 +268,8 @@ def build_dataset(cfg: BuildConfig) -> dict:
     ds = ds.groupby("page_key").map_groups(make_cluster, fn_kwargs={"cfg": cfg}, batch_format="pandas")
     out = os.path.join(cfg.output, "clusters")
     ds.write_parquet(out)
+    if cfg.captioner != "alt":  # make_cluster already cleaned the alt text
+        recaption(out, cfg)
     stats = cluster_stats(out, skipped)
     with open(os.path.join(cfg.output, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)

@@ -1,13 +1,22 @@
 """``ray-suti train-clip``: a small CLIP for the embedded default, trained with Ray Train.
 
 Pretrained CLIP weights cannot be downloaded here, and alt text is weak (often empty or
-boilerplate), so the main signal is image-image contrast between two photos of one page (the same
-subject in different scenes: exactly the identity the cluster filter must see), plus the usual
-image-text contrast on the captions that survive cleaning. Pairs are made by grouping the web pairs
-by normalised page URL with Ray Data.
+boilerplate), so the signal is image-image contrast, two ways at once:
+
+- page contrast: two different photos of one page (the same subject in different scenes) are a
+  positive pair, which is exactly the identity the coherence filter must see;
+- instance contrast: two augmented views (shift-crop, flip) of one photo are a positive pair and
+  other photos, even of the same page, are not, so distinct photos of one subject stay apart and
+  only true near-duplicates land above the duplicate threshold.
+
+Same-page pairs in a batch are masked out of the negatives. An optional image-text term uses the
+captions that survive cleaning. Pairs are made by grouping the web pairs by normalised page URL
+with Ray Data. A linear warm-up and cosine decay keep the small ViT from collapsing (at a constant
+1e-3 every image got the same embedding: loss at chance).
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -21,44 +30,82 @@ WEIGHTS = "clip.safetensors"
 
 @dataclass(frozen=True)
 class ClipTrainConfig:
-    input: str = field(default="runs/world/web", metadata={"help": "web-pairs Parquet"})
+    input: str = field(default="runs/world/web", metadata={"help": "web-pairs Parquet or webdataset tars"})
     output: str = field(default="runs/clip/tiny-clip.safetensors", metadata={"help": "trained weights (safetensors)"})
-    steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=128, metadata={"help": "pairs per step per worker"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    text_weight: float = field(default=0.25, metadata={"help": "weight of the image-text loss"})
+    lr: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up, then cosine decay to 0"})
+    instance_weight: float = field(default=1.0, metadata={"help": "weight of the view-vs-view (instance) loss"})
+    text_weight: float = field(default=0.0, metadata={"help": "weight of the image-text loss on cleaned captions"})
     num_workers: int = field(default=1, metadata={"help": "training workers"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per worker"})
     storage_path: str = field(default="runs/train", metadata={"help": "Ray Train storage"})
+    report_every: int = field(default=50, metadata={"help": "steps between loss reports"})
     seed: int = field(default=0, metadata={"help": "seed"})
 
 
 def page_pairs(group: pd.DataFrame, seed: int) -> pd.DataFrame:
     """All valid photos of one page -> pairs (a, b) of different photos, each photo once as ``a``."""
-    from ..utils.images import inspect_image
     from .captions import clean_caption
 
-    ok = [i for i, d in enumerate(group["image"]) if inspect_image(d)[1] is None]
-    if len(ok) < 2:
-        return pd.DataFrame({"a": [], "b": [], "caption": []})
-    rng = np.random.default_rng([seed, len(group), len(ok)])
-    partners = [ok[(j + 1 + rng.integers(len(ok) - 1)) % len(ok)] for j in range(len(ok))]
-    return pd.DataFrame({"a": [group["image"].iloc[i] for i in ok], "b": [group["image"].iloc[p] for p in partners],
-                         "caption": [clean_caption(group["caption"].iloc[i]) for i in ok]})
+    group = group[group["reason"] == ""]
+    if len(group) < 2:
+        return pd.DataFrame({"a": [], "b": [], "caption": [], "page": []})
+    n = len(group)
+    rng = np.random.default_rng([seed, n, sum(map(ord, group["page_key"].iloc[0]))])
+    partners = [(j + 1 + int(rng.integers(n - 1))) % n for j in range(n)]
+    return pd.DataFrame({"a": list(group["image"]), "b": [group["image"].iloc[p] for p in partners],
+                         "caption": [clean_caption(c) for c in group["caption"]],
+                         "page": [group["page_key"].iloc[0]] * n})
+
+
+def augment(images, size: int, rng: np.random.Generator, shift: int = 3):
+    """PIL images -> CLIP-normalised (N, 3, size, size): a random shift-crop (edge padding) and flip."""
+    import torch
+
+    from .clip import MEAN, STD
+
+    out = []
+    for img in images:
+        a = np.asarray(img.convert("RGB").resize((size, size)), np.float32) / 255
+        a = np.pad(a, ((shift, shift), (shift, shift), (0, 0)), mode="edge")
+        dy, dx = rng.integers(0, 2 * shift + 1, 2)
+        a = a[dy: dy + size, dx: dx + size]
+        out.append(a[:, ::-1] if rng.random() < 0.5 else a)
+    return torch.from_numpy((np.stack(out) - MEAN) / STD).permute(0, 3, 1, 2).contiguous()
+
+
+def contrastive(x, y, scale, same_page=None):
+    """Symmetric InfoNCE between row-aligned unit embeddings; ``same_page`` (N, N) masks false negatives."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = scale * x @ y.T
+    if same_page is not None:
+        logits = logits.masked_fill(same_page & ~torch.eye(len(x), dtype=torch.bool), float("-inf"))
+    target = torch.arange(len(x))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def lr_at(cfg: ClipTrainConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
 
 
 def _loop(config: dict) -> None:
     import ray.train
     import torch
-    import torch.nn.functional as F
     from open_clip.tokenizer import SimpleTokenizer
 
     from ..utils.images import inspect_image
-    from .clip import TINY_CLIP, load_clip, preprocess
+    from .clip import TINY_CLIP, load_clip
 
     cfg = ClipTrainConfig(**config)
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
+    rank = ray.train.get_context().get_world_rank()
+    rng = np.random.default_rng([cfg.seed, rank])
     clip, size = load_clip("tiny")
     clip.train()
     model = ray.train.torch.prepare_model(clip)
@@ -66,47 +113,55 @@ def _loop(config: dict) -> None:
     tokenizer = SimpleTokenizer()
     shard = ray.train.get_dataset_shard("train")
     ctx_len = TINY_CLIP["text_cfg"]["context_length"]
-    step = 0
+    step, losses = 0, []
     while step < cfg.steps:
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", drop_last=True,
-                                        local_shuffle_buffer_size=4 * cfg.batch_size):
-            a = preprocess([inspect_image(x)[0] for x in batch["a"]], size)
-            b = preprocess([inspect_image(x)[0] for x in batch["b"]], size)
-            has_text = torch.tensor([bool(c) for c in batch["caption"]])
-            core = model.module if hasattr(model, "module") else model
-            za = F.normalize(core.encode_image(a), dim=-1)
-            zb = F.normalize(core.encode_image(b), dim=-1)
-            scale = core.logit_scale.exp().clamp(max=100)
-            target = torch.arange(len(za))
-            loss = (F.cross_entropy(scale * za @ zb.T, target) + F.cross_entropy(scale * zb @ za.T, target)) / 2
-            if has_text.sum() > 1:
-                zt = F.normalize(core.encode_text(tokenizer(list(batch["caption"][has_text.numpy()]),
-                                                            context_length=ctx_len)), dim=-1)
-                zi = za[has_text]
-                t = torch.arange(len(zt))
-                loss = loss + cfg.text_weight * (F.cross_entropy(scale * zi @ zt.T, t)
-                                                 + F.cross_entropy(scale * zt @ zi.T, t)) / 2
+                                        local_shuffle_buffer_size=8 * cfg.batch_size, local_shuffle_seed=cfg.seed + step):
+            a = [inspect_image(x)[0] for x in batch["a"]]
+            b = [inspect_image(x)[0] for x in batch["b"]]
+            pages = pd.factorize(batch["page"])[0]
+            same_page = torch.from_numpy(pages[:, None] == pages[None, :])
+            views = [augment(a, size, rng), augment(b, size, rng)]
+            if cfg.instance_weight:
+                views.append(augment(a, size, rng))
+            has_text = np.array([bool(c) for c in batch["caption"]])
+            use_text = bool(cfg.text_weight) and has_text.sum() > 1
+            text = tokenizer(list(batch["caption"][has_text]), context_length=ctx_len) if use_text else None
+            # One forward through the (DDP-)wrapped model, so gradients are synchronised across workers.
+            feats, zt, scale = model(image=torch.cat(views), text=text)[:3]
+            za, zb, *za2 = feats.split(len(a))
+            scale = scale.clamp(max=100)
+            loss = contrastive(za, zb, scale, same_page)
+            if cfg.instance_weight:
+                loss = loss + cfg.instance_weight * contrastive(za, za2[0], scale)
+            if use_text:
+                keep = torch.from_numpy(has_text)
+                loss = loss + cfg.text_weight * contrastive(za[keep], zt, scale, same_page[keep][:, keep])
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
             opt.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            if step % 50 == 0 and step < cfg.steps:
-                if ray.train.get_context().get_world_rank() == 0:
-                    print(f"clip step={step} loss={float(loss):.4f}", flush=True)
-                ray.train.report({"step": step, "loss": float(loss)})
+            losses.append(float(loss))
+            if step % cfg.report_every == 0 and step < cfg.steps:
+                if rank == 0:
+                    print(f"clip step={step} loss={np.mean(losses):.4f} lr={lr_at(cfg, step):.2e}", flush=True)
+                ray.train.report({"step": step, "loss": float(np.mean(losses))})
+                losses = []
             if step >= cfg.steps:
                 break
     with tempfile.TemporaryDirectory() as tmp:  # the weights travel as a Ray Train checkpoint, so
         checkpoint = None  # workers on other nodes and s3:// storage work alike
-        if ray.train.get_context().get_world_rank() == 0:
+        if rank == 0:
             from safetensors.torch import save_file
 
             core = model.module if hasattr(model, "module") else model
-            save_file({k: v.detach().contiguous() for k, v in core.state_dict().items()},
-                      os.path.join(tmp, WEIGHTS))
+            save_file({k: v.detach().contiguous() for k, v in core.state_dict().items()}, os.path.join(tmp, WEIGHTS))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            print(f"clip step={step} loss={float(loss):.4f}", flush=True)
-        ray.train.report({"step": step, "loss": float(loss)}, checkpoint=checkpoint)
+            print(f"clip step={step} loss={np.mean(losses or [float('nan')]):.4f}", flush=True)
+        ray.train.report({"step": step, "loss": float(np.mean(losses or [float("nan")]))}, checkpoint=checkpoint)
 
 
 def train_clip(cfg: ClipTrainConfig) -> dict:
@@ -115,13 +170,13 @@ def train_clip(cfg: ClipTrainConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..utils.ray_utils import init_ray
-    from .builder import WEB_COLUMNS, check_shards, validate_records
+    from .builder import check_shards, read_web_pairs, validate_records
 
     files, fs, _ = check_shards(cfg.input, tolerate=True)
     init_ray()
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=list(WEB_COLUMNS), num_cpus=0.25)
+    ds = read_web_pairs(files, fs, num_cpus=0.25)
     ds = ds.map_batches(validate_records, fn_kwargs={"min_side": 16}, batch_format="pandas", num_cpus=0.25)
-    ds = ds.filter(lambda r: r["page_key"] != "")
+    ds = ds.filter(lambda r: r["page_key"] != "" and r["reason"] == "")
     ds = ds.groupby("page_key").map_groups(page_pairs, fn_kwargs={"seed": cfg.seed}, batch_format="pandas",
                                            num_cpus=0.25)
     trainer = TorchTrainer(

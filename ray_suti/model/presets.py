@@ -20,6 +20,7 @@ class SuTIConfig:
     vae_scaling_factor: float = 0.18215
     neighbour_levels: tuple = (1, 2)  # UNet levels (0 = full resolution) that look at demos
     neighbour_heads: int = 4
+    neighbour_cosine: bool = False  # cosine neighbour attention with a learnt temperature (unet.py)
     max_demos: int = 5
     prediction_type: str = "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"

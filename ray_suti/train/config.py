@@ -33,6 +33,8 @@ class TrainConfig:
     text_drop: float = field(default=0.1, metadata={"help": "probability of dropping the prompt"})
     demo_drop: float = field(default=0.1, metadata={"help": "probability of dropping the demos"})
     max_demos: int = field(default=3, metadata={"help": "most demos per example in training"})
+    high_noise_frac: float = field(default=0.0, metadata={"help": "fraction of timesteps drawn from the noisier half (where demos matter)"})
+    neighbour_cosine: bool = field(default=False, metadata={"help": "cosine neighbour attention (switches a checkpoint over; see model/unet.py)"})
     demo_grad: bool = field(default=False, metadata={"help": "backpropagate through the demo encoding"})
     train_text_encoder: bool = field(default=True, metadata={"help": "train the text encoder (pixel presets)"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})

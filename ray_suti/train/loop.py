@@ -27,11 +27,19 @@ TORCH_EXTENSIONS_DIR = os.path.expanduser("~/.cache/ray-suti/torch_extensions")
 
 def start_pipeline(cfg: TrainConfig):
     """The model training starts from: a checkpoint (folder or single file) or a fresh preset."""
-    from ..model import SuTIPipeline
+    import dataclasses
 
-    if cfg.init_from:
-        return SuTIPipeline.from_pretrained(cfg.init_from)
-    return SuTIPipeline.from_preset(cfg.preset, seed=cfg.seed)
+    from ..model import SuTIModel, SuTIPipeline
+
+    pipe = SuTIPipeline.from_pretrained(cfg.init_from) if cfg.init_from else SuTIPipeline.from_preset(cfg.preset, seed=cfg.seed)
+    if cfg.neighbour_cosine and not pipe.config.neighbour_cosine:
+        # Switch to cosine neighbour attention: every weight carries over, the temperatures start fresh.
+        model = SuTIModel(dataclasses.replace(pipe.config, neighbour_cosine=True))
+        missing, unexpected = model.load_state_dict(pipe.model.state_dict(), strict=False)
+        if unexpected or any(not k.endswith("logit_scale") for k in missing):
+            raise ValueError(f"cannot switch {cfg.init_from or cfg.preset} to cosine attention: {missing} {unexpected}")
+        pipe.model = model
+    return pipe
 
 
 def continued_step(cfg: TrainConfig) -> int:
@@ -54,7 +62,8 @@ class LossModule(nn.Module):
         self.noise = model.noise_scheduler()
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model.loss(batch, self.noise, demo_grad=self.cfg.demo_grad, noise_repeats=self.cfg.noise_repeats)
+        return self.model.loss(batch, self.noise, demo_grad=self.cfg.demo_grad, noise_repeats=self.cfg.noise_repeats,
+                               high_noise_frac=self.cfg.high_noise_frac)
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:

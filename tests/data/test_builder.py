@@ -95,3 +95,72 @@ def test_stats_file_is_written(built):
     cfg, stats, _, _ = built
     assert json.loads((Path(cfg.output) / "stats.json").read_text()) == json.loads(json.dumps(stats))
     assert (Path(cfg.output) / "clusters.png").stat().st_size > 1000
+
+
+def _to_webdataset(parquet_dir: Path, tar_path: Path) -> int:
+    """The world's web pairs as one img2dataset webdataset shard: KEY.png, KEY.txt, KEY.json."""
+    import io
+    import tarfile
+
+    rows = pq.read_table(parquet_dir).to_pylist()
+    with tarfile.open(tar_path, "w") as tar:
+        for r in rows:
+            meta = {"key": r["key"], "url": r["url"], "page_url": r["page_url"], "caption": r["caption"], "status": "success"}
+            for ext, data in (("png", r["image"]), ("txt", (r["caption"] or "").encode()), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{r['key']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return len(rows)
+
+
+def test_webdataset_tars_build_the_same_clusters_as_parquet(built, tmp_path):
+    cfg, stats, clusters, _ = built
+    (tmp_path / "tars").mkdir()
+    _to_webdataset(Path(cfg.input), tmp_path / "tars" / "00000.tar")
+    tar_cfg = BuildConfig(input=str(tmp_path / "tars"), output=str(tmp_path / "out"))
+    tar_stats = build_dataset(tar_cfg)
+    by_id = lambda t: {r["cluster_id"]: (r["kept"], r["drop_reason"], sorted(r["keys"])) for r in t.to_pylist()}  # noqa: E731
+    assert by_id(pq.read_table(tmp_path / "out" / "clusters")) == by_id(clusters)
+    assert tar_stats["records_in"] == stats["records_in"] and tar_stats["records_skipped"] == stats["records_skipped"]
+
+
+def test_bad_tar_shards_fail_naming_the_file(tmp_path):
+    (tmp_path / "broken.tar").write_bytes(b"not a tar at all" * 40)
+    with pytest.raises(ValueError, match="broken.tar"):
+        check_shards(str(tmp_path), tolerate=False)
+    import io
+    import tarfile
+
+    (tmp_path / "broken.tar").unlink()
+    with tarfile.open(tmp_path / "nojson.tar", "w") as tar:
+        info = tarfile.TarInfo("0001.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(ValueError, match=r"nojson.tar.*no .json"):
+        check_shards(str(tmp_path), tolerate=False)
+    with pytest.raises(ValueError, match="no readable web-pairs shards"):  # skipped, and nothing left
+        check_shards(str(tmp_path), tolerate=True)
+
+
+def test_model_captioner_rewrites_kept_captions(built, tmp_path):
+    from tests.data.test_captions import save_tiny_captioner
+
+    cfg, _, clusters, _ = built
+    words = save_tiny_captioner(tmp_path / "git")
+    cap_cfg = BuildConfig(input=cfg.input, output=str(tmp_path / "out"), captioner=str(tmp_path / "git"))
+    build_dataset(cap_cfg)
+    alt = {r["cluster_id"]: r for r in clusters.to_pylist()}
+    rows = pq.read_table(tmp_path / "out" / "clusters").to_pylist()
+    kept = [r for r in rows if r["kept"]]
+    assert kept and {r["cluster_id"] for r in kept} == {k for k, r in alt.items() if r["kept"]}
+    for r in kept:
+        assert len(r["captions"]) == len(r["images"]) and all(c and set(c.split()) <= words for c in r["captions"])
+    for r in rows:
+        if not r["kept"]:
+            assert r["captions"] == alt[r["cluster_id"]]["captions"]
+
+
+def test_unknown_captioner_fails_before_any_work(built, tmp_path):
+    cfg = built[0]
+    with pytest.raises(ValueError, match="--captioner"):
+        build_dataset(BuildConfig(input=cfg.input, output=str(tmp_path / "o"), captioner="blip-somewhere"))

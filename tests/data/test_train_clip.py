@@ -22,3 +22,34 @@ def test_train_clip_writes_weights_the_builder_loads(tmp_path, ray_local):
     stats = build_dataset(BuildConfig(input=str(tmp_path / "world" / "web"), output=str(tmp_path / "out"),
                                       clip_pretrained=str(out)))
     assert stats["records_in"] > 0
+
+
+def test_pairs_are_two_different_valid_photos_of_one_page():
+    import pandas as pd
+
+    from ray_suti.data.train_clip import page_pairs
+
+    group = pd.DataFrame({"image": [b"a", b"b", b"c", b"broken"], "caption": ["x", "IMG_1.jpg", "", ""],
+                          "reason": ["", "", "", "truncated"], "page_key": ["p"] * 4})
+    pairs = page_pairs(group, seed=0)
+    assert list(pairs["a"]) == [b"a", b"b", b"c"] and all(a != b for a, b in zip(pairs["a"], pairs["b"]))
+    assert set(pairs["b"]) <= {b"a", b"b", b"c"} and list(pairs["caption"]) == ["x", "", ""]
+    assert page_pairs(group.iloc[[0, 3]], seed=0).empty  # one valid photo makes no pair
+
+
+def test_same_page_negatives_are_masked_out():
+    import torch
+
+    from ray_suti.data.train_clip import contrastive
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    pages = torch.tensor([0, 0, 1, 2])
+    masked = contrastive(x, y, 10.0, pages[:, None] == pages[None, :])
+    # rows 0 and 1 share a page: the same loss as if each never saw the other as a negative
+    logits = 10.0 * x @ y.T
+    logits[0, 1] = logits[1, 0] = float("-inf")
+    t = torch.arange(4)
+    expected = (torch.nn.functional.cross_entropy(logits, t) + torch.nn.functional.cross_entropy(logits.T, t)) / 2
+    assert torch.allclose(masked, expected) and not torch.allclose(masked, contrastive(x, y, 10.0))

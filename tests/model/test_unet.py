@@ -122,3 +122,35 @@ def test_dropped_demos_equal_no_demos(model):
     assert torch.allclose(dropped[0], none[0], atol=1e-6)
     assert torch.allclose(dropped[1], full[1], atol=1e-6)
     assert isinstance(DemoFeatures.cat([demos, demos]), DemoFeatures)
+
+
+def test_cosine_attention_starts_as_the_base_and_is_sharper_than_dot_products():
+    """Cosine neighbour attention is still an exact no-op when fresh, and its learnt temperature
+    makes attention far from uniform from the start (plain dot products of fresh projections
+    average the demos)."""
+    import dataclasses
+    import math
+
+    torch.manual_seed(0)
+    cos_model = SuTIModel(dataclasses.replace(CFG, neighbour_cosine=True)).eval()
+    x = _inputs()
+    demos = cos_model.encode_demos(x["demo_images"], torch.zeros(2, 3, CFG.max_text_len, dtype=torch.long))
+    with torch.no_grad():
+        with_demos = cos_model(x["sample"], x["t"], x["text"], demos)
+        without = cos_model(x["sample"], x["t"], x["text"], None)
+    assert torch.allclose(with_demos, without, atol=1e-6)
+    entropies = {}
+    for cosine in (False, True):
+        torch.manual_seed(0)
+        m = SuTIModel(dataclasses.replace(CFG, neighbour_cosine=cosine)).eval()
+        att = next(iter(m.unet.neighbours.values())).requires_grad_(False)
+        d = torch.randn(2, 3 * 64, att.norm_kv.normalized_shape[0])  # tokens of an 8x8 level, 3 demos
+        k, _ = att.keys_values(d, 64)
+        q = att.to_q(att.norm_q(torch.randn(2, 64, att.to_q.in_features))).view(2, 64, att.heads, -1).transpose(1, 2)
+        if cosine:
+            logits = torch.nn.functional.normalize(q, dim=-1) @ k.transpose(-1, -2) * att.logit_scale.exp()[:, None, None]
+        else:
+            logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        p = logits.softmax(-1)
+        entropies[cosine] = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(p.shape[-1]))
+    assert entropies[True] < entropies[False] - 0.05, entropies

@@ -85,3 +85,31 @@ def test_a_single_file_of_the_same_mode_carries_its_step_on(tmp_path):
     assert continued_step(TrainConfig(init_from=str(tmp_path / "base.safetensors"))) == 0  # a new stage
     assert continued_step(TrainConfig(mode="pretrain", init_from=str(tmp_path / "base.safetensors"))) == 900
     assert continued_step(TrainConfig()) == 0
+
+
+def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_noisier_half(monkeypatch):
+    from ray_suti.model import SuTIModel, get_preset
+
+    model = SuTIModel(get_preset("tiny-32"))
+    seen = []
+    monkeypatch.setattr(model, "forward", lambda sample, t, text, demos=None: seen.append(t) or torch.zeros_like(sample))
+    batch = {"target": torch.zeros(2000, 3, 32, 32), "prompt_ids": model.null_prompt_ids(2000)}
+    monkeypatch.setattr(model, "encode_text", lambda ids: torch.zeros(ids.shape[0], 32, 64))
+    for frac in (0.0, 0.5):
+        seen.clear()
+        model.loss(batch, model.noise_scheduler(), generator=torch.Generator().manual_seed(0), high_noise_frac=frac)
+        share_high = float((seen[0] >= 500).float().mean())
+        assert abs(share_high - (0.5 + frac / 2)) < 0.04, (frac, share_high)
+        assert seen[0].min() >= 0 and seen[0].max() < 1000
+
+
+def test_training_can_switch_a_checkpoint_to_cosine_attention(tmp_path):
+    from ray_suti.train.loop import start_pipeline
+
+    pipe = SuTIPipeline.from_preset("tiny-32")
+    pipe.save_single_file(str(tmp_path / "m.safetensors"), dtype=torch.float32)
+    switched = start_pipeline(TrainConfig(init_from=str(tmp_path / "m.safetensors"), neighbour_cosine=True))
+    assert switched.config.neighbour_cosine
+    before, after = pipe.model.state_dict(), switched.model.state_dict()
+    assert {k for k in after if k not in before} and all(k.endswith("logit_scale") for k in after if k not in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -6,6 +6,13 @@
 #   first run:  bash checkpoints/train_tiny32.sh fresh  PRETRAIN_MIN SUTI_MIN
 #   carry on:   bash checkpoints/train_tiny32.sh resume SUTI_MIN      (continues from the committed file)
 #
+# Environment: BATCH (examples per step, default 128), SUTI_FLAGS (extra trainer flags), INIT (start
+# file of a resume), DATA_FROM (an oracle folder another run is filling: no generation here), WORK,
+# OUT_DIR, LOADER_WORKERS, PAGES, EXAMPLES, SHARD (oracle examples per shard: small shards let a
+# resume start sooner), ORACLE_SEED (2 in earlier resumes). A resume starts training once a few
+# oracle shards exist; the generator goes on in the background and the trainer picks up new shards
+# on each pass.
+#
 # Since session 2 the SuTI stage uses cosine neighbour attention and draws half its timesteps from
 # the noisier half (docs/NOTES.md: near-uniform attention and where the demos help); a committed
 # file trained without them is switched over on its next resume.
@@ -15,18 +22,20 @@ work=${WORK:-/tmp/suti}
 out=${OUT_DIR:-checkpoints}
 gpu=$(python3 -c "import torch; print('--use-gpu' if torch.cuda.is_available() else '--no-use-gpu')")
 procs=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
+batch=${BATCH:-128}
 mkdir -p "$work" "$out"
 
+generate() {
 # Data without Ray: world pages (web pairs) and oracle ICL-V2 examples, one process per shard.
-python3 - "$work" "$procs" "$mode" "${PAGES:-6000}" "${EXAMPLES:-120000}" <<'PY'
+python3 - "$work" "$procs" "$mode" "${PAGES:-6000}" "${EXAMPLES:-120000}" "${ORACLE_SEED:-2}" "${SHARD:-2000}" <<'PY'
 import os, sys
 from multiprocessing import Pool
 from ray_suti.world.crawl import WorldConfig, write_shard
 from ray_suti.world.oracle import OracleConfig, write_oracle_shard
-work, procs, mode, pages, examples = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+work, procs, mode, pages, examples, seed, shard = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:])
 world = WorldConfig(out=f"{work}/world", pages=pages, image_size=32, pages_per_shard=100, seed=1)
-oracle = OracleConfig(out=f"{work}/oracle", examples=examples, examples_per_shard=2000, seed=1 if mode == "fresh" else 2)
-jobs = [(write_oracle_shard, (oracle, s)) for s in range(-(-examples // 2000))]
+oracle = OracleConfig(out=f"{work}/oracle", examples=examples, examples_per_shard=shard, seed=1 if mode == "fresh" else seed)
+jobs = [(write_oracle_shard, (oracle, s)) for s in range(-(-examples // shard))]
 if mode == "fresh":
     for d in ("web", "truth"):
         os.makedirs(f"{world.out}/{d}", exist_ok=True)
@@ -37,17 +46,26 @@ with Pool(procs) as pool:
         result.get()
 print("data ready", flush=True)
 PY
+}
+oracle=${DATA_FROM:-$work/oracle}
+if [ "$mode" = fresh ]; then
+  generate "$@"
+elif [ -z "${DATA_FROM:-}" ]; then
+  generate "$@" & generator=$!
+fi
+until [ "$(ls "$oracle"/*.parquet 2>/dev/null | wc -l)" -ge 4 ]; do sleep 2; done
 
-common="--batch-size 128 --loader-workers $procs --report-every 250 --probe-every 500 --checkpoint-every 1000000 $gpu --threads 4"
+common="--batch-size $batch --loader-workers ${LOADER_WORKERS:-$procs} --report-every 250 --probe-every 500 --checkpoint-every 1000000 $gpu --threads 4"
 if [ "$mode" = fresh ]; then
   python3 -m ray_suti.train.local --mode pretrain --data "$work/world/web" --steps 1000000 --max-minutes "$2" \
     --noise-repeats 1 --storage-path "$work/runs" --name pretrain --export-file "$work/base.safetensors" $common
   init="$work/base.safetensors"; minutes=$3
 else
-  init="$out/tiny-32.safetensors"; minutes=$2
+  init=${INIT:-$out/tiny-32.safetensors}; minutes=$2
 fi
-python3 -m ray_suti.train.local --mode suti --init-from "$init" --data "$work/oracle" --steps 1000000 \
+python3 -m ray_suti.train.local --mode suti --init-from "$init" --data "$oracle" --steps 1000000 \
   --max-minutes "$minutes" --noise-repeats 2 --storage-path "$work/runs" --name suti \
-  --neighbour-cosine --high-noise-frac 0.5 \
+  ${SUTI_FLAGS:---neighbour-cosine --high-noise-frac 0.5} \
   --export-file "$out/tiny-32.safetensors.new" $common
 mv "$out/tiny-32.safetensors.new" "$out/tiny-32.safetensors"
+[ -n "${generator:-}" ] && pkill -P "$generator" 2>/dev/null || true  # the generator's python; its pool follows

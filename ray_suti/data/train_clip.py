@@ -60,20 +60,19 @@ def page_pairs(group: pd.DataFrame, seed: int) -> pd.DataFrame:
                          "page": [group["page_key"].iloc[0]] * n})
 
 
-def augment(images, size: int, rng: np.random.Generator, shift: int = 3):
-    """PIL images -> CLIP-normalised (N, 3, size, size): a random shift-crop (edge padding) and flip."""
+def augment(x, rng: np.random.Generator, shift: int = 3):
+    """(N, 3, S, S) CLIP-normalised images -> a random shift-crop (edge padding) and flip of each."""
     import torch
+    import torch.nn.functional as F
 
-    from .clip import MEAN, STD
-
-    out = []
-    for img in images:
-        a = np.asarray(img.convert("RGB").resize((size, size)), np.float32) / 255
-        a = np.pad(a, ((shift, shift), (shift, shift), (0, 0)), mode="edge")
-        dy, dx = rng.integers(0, 2 * shift + 1, 2)
-        a = a[dy: dy + size, dx: dx + size]
-        out.append(a[:, ::-1] if rng.random() < 0.5 else a)
-    return torch.from_numpy((np.stack(out) - MEAN) / STD).permute(0, 3, 1, 2).contiguous()
+    n, _, s, _ = x.shape
+    padded = F.pad(x, (shift,) * 4, mode="replicate")
+    dy, dx = (torch.from_numpy(rng.integers(0, 2 * shift + 1, n)).to(x.device) for _ in range(2))
+    grid = torch.arange(s, device=x.device)
+    rows, cols = (dy[:, None] + grid)[:, :, None], (dx[:, None] + grid)[:, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (N, 3, S, S)
+    flip = torch.from_numpy(rng.random(n) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, out.flip(-1), out).contiguous()
 
 
 def contrastive(x, y, scale, same_page=None):
@@ -83,14 +82,54 @@ def contrastive(x, y, scale, same_page=None):
 
     logits = scale * x @ y.T
     if same_page is not None:
-        logits = logits.masked_fill(same_page & ~torch.eye(len(x), dtype=torch.bool), float("-inf"))
-    target = torch.arange(len(x))
+        eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+        logits = logits.masked_fill(same_page.to(x.device) & ~eye, float("-inf"))
+    target = torch.arange(len(x), device=x.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def lr_at(cfg: ClipTrainConfig, step: int) -> float:
+def lr_at(cfg: ClipTrainConfig, step: int, progress: float | None = None) -> float:
+    """Linear warm-up over steps, then cosine decay over ``progress`` (default: step / steps)."""
     warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+    progress = min(step, cfg.steps) / cfg.steps if progress is None else min(1.0, progress)
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def pair_loss(model, cfg: ClipTrainConfig, rng: np.random.Generator, batch: dict, tokenizer, size: int,
+              device: str = "cpu"):
+    """One step's loss on a batch of page pairs: ``a``, ``b`` (encoded images or (N, 3, S, S)
+    normalised tensors), ``page`` and ``caption`` columns."""
+    import torch
+
+    from ..utils.images import inspect_image
+    from .clip import TINY_CLIP, preprocess
+
+    def images(col):
+        if isinstance(col, torch.Tensor):
+            return col.to(device)
+        return preprocess([inspect_image(x)[0] for x in col], size).to(device)
+
+    a, b = images(batch["a"]), images(batch["b"])
+    pages = pd.factorize(np.asarray(batch["page"]))[0]
+    same_page = torch.from_numpy(pages[:, None] == pages[None, :])
+    views = [augment(a, rng), augment(b, rng)] + ([augment(a, rng)] if cfg.instance_weight else [])
+    captions = np.asarray(batch["caption"], dtype=object)
+    has_text = np.array([bool(c) for c in captions])
+    use_text = bool(cfg.text_weight) and has_text.sum() > 1
+    text = None
+    if use_text:
+        text = tokenizer(list(captions[has_text]), context_length=TINY_CLIP["text_cfg"]["context_length"]).to(device)
+    # One forward through the (DDP-)wrapped model, so gradients are synchronised across workers.
+    feats, zt, scale = model(image=torch.cat(views), text=text)[:3]
+    za, zb, *za2 = feats.split(len(a))
+    scale = scale.clamp(max=100)
+    loss = contrastive(za, zb, scale, same_page)
+    if cfg.instance_weight:
+        loss = loss + cfg.instance_weight * contrastive(za, za2[0], scale)
+    if use_text:
+        keep = torch.from_numpy(has_text)
+        loss = loss + cfg.text_weight * contrastive(za[keep.to(device)], zt, scale, same_page[keep][:, keep])
+    return loss
 
 
 def _loop(config: dict) -> None:
@@ -98,8 +137,7 @@ def _loop(config: dict) -> None:
     import torch
     from open_clip.tokenizer import SimpleTokenizer
 
-    from ..utils.images import inspect_image
-    from .clip import TINY_CLIP, load_clip
+    from .clip import load_clip
 
     cfg = ClipTrainConfig(**config)
     torch.set_num_threads(1)
@@ -112,31 +150,11 @@ def _loop(config: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     tokenizer = SimpleTokenizer()
     shard = ray.train.get_dataset_shard("train")
-    ctx_len = TINY_CLIP["text_cfg"]["context_length"]
     step, losses = 0, []
     while step < cfg.steps:
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", drop_last=True,
                                         local_shuffle_buffer_size=8 * cfg.batch_size, local_shuffle_seed=cfg.seed + step):
-            a = [inspect_image(x)[0] for x in batch["a"]]
-            b = [inspect_image(x)[0] for x in batch["b"]]
-            pages = pd.factorize(batch["page"])[0]
-            same_page = torch.from_numpy(pages[:, None] == pages[None, :])
-            views = [augment(a, size, rng), augment(b, size, rng)]
-            if cfg.instance_weight:
-                views.append(augment(a, size, rng))
-            has_text = np.array([bool(c) for c in batch["caption"]])
-            use_text = bool(cfg.text_weight) and has_text.sum() > 1
-            text = tokenizer(list(batch["caption"][has_text]), context_length=ctx_len) if use_text else None
-            # One forward through the (DDP-)wrapped model, so gradients are synchronised across workers.
-            feats, zt, scale = model(image=torch.cat(views), text=text)[:3]
-            za, zb, *za2 = feats.split(len(a))
-            scale = scale.clamp(max=100)
-            loss = contrastive(za, zb, scale, same_page)
-            if cfg.instance_weight:
-                loss = loss + cfg.instance_weight * contrastive(za, za2[0], scale)
-            if use_text:
-                keep = torch.from_numpy(has_text)
-                loss = loss + cfg.text_weight * contrastive(za[keep], zt, scale, same_page[keep][:, keep])
+            loss = pair_loss(model, cfg, rng, batch, tokenizer, size)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
             opt.zero_grad()

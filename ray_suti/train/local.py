@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -32,25 +33,32 @@ class ParquetStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: TrainConfig, collate: Collate):
         self.cfg, self.collate = cfg, collate
-        self.files = sorted(glob.glob(os.path.join(cfg.data, "*.parquet")))
-        if not self.files:
+        if not self.files():
             raise FileNotFoundError(f"no Parquet files in {cfg.data}")
+
+    def files(self) -> list[str]:
+        # Listed again on every pass: a generator may still be adding shards (train_tiny32.sh).
+        return sorted(glob.glob(os.path.join(self.cfg.data, "*.parquet")))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, n = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([self.cfg.seed, wid, int(time.time())])
         self.collate.rng = np.random.default_rng([self.cfg.seed, wid, 1])
-        files = self.files[wid::n] or self.files
+        bs, pending = self.cfg.batch_size, None
         while True:
-            for path in rng.permutation(files):
+            files = self.files()
+            for path in rng.permutation(files[wid::n] or files):
                 table = pq.read_table(path, columns=columns(self.cfg.mode))
-                order = rng.permutation(table.num_rows)
-                for i in range(0, len(order) - self.cfg.batch_size + 1, self.cfg.batch_size):
-                    rows = table.take(order[i: i + self.cfg.batch_size]).to_pydict()
+                pending = table if pending is None else pa.concat_tables([pending, table])
+                order = rng.permutation(pending.num_rows)
+                full = len(order) // bs * bs
+                for i in range(0, full, bs):
+                    rows = pending.take(order[i: i + bs]).to_pydict()
                     batch = self.collate({k: np.array(v, dtype=object) for k, v in rows.items()})
                     if batch["target"].shape[0]:
                         yield batch
+                pending = pending.take(order[full:])  # too few for a batch: carried into the next file's
 
 
 def train_local(cfg: TrainConfig, loader_workers: int = 4, command: str = "", max_minutes: float = 0.0) -> dict:

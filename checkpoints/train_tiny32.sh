@@ -6,23 +6,24 @@
 #   first run:  bash checkpoints/train_tiny32.sh fresh  PRETRAIN_MIN SUTI_MIN
 #   carry on:   bash checkpoints/train_tiny32.sh resume SUTI_MIN      (continues from the committed file)
 #
-# Environment: BATCH (examples per step, default 128), SUTI_FLAGS (extra trainer flags), INIT (start
+# Environment: BATCH (examples per step, default 512: on a GPU the tiny model is launch-bound, so 512
+# costs about what 128 did), SUTI_FLAGS (extra trainer flags), INIT (start
 # file of a resume), DATA_FROM (an oracle folder another run is filling: no generation here), WORK,
 # OUT_DIR, LOADER_WORKERS, PAGES, EXAMPLES, SHARD (oracle examples per shard: small shards let a
 # resume start sooner), ORACLE_SEED (2 in earlier resumes). A resume starts training once a few
 # oracle shards exist; the generator goes on in the background and the trainer picks up new shards
 # on each pass.
 #
-# Since session 2 the SuTI stage uses cosine neighbour attention and draws half its timesteps from
-# the noisier half (docs/NOTES.md: near-uniform attention and where the demos help); a committed
-# file trained without them is switched over on its next resume.
+# Since session 3 the SuTI stage uses cosine neighbour attention, draws half its timesteps from the
+# noisier half and backpropagates through the demo encoding (docs/NOTES.md: near-uniform attention,
+# where the demos help, and the side-by-side run that chose --demo-grad).
 set -euo pipefail
 mode=${1:?fresh or resume}
 work=${WORK:-/tmp/suti}
 out=${OUT_DIR:-checkpoints}
 gpu=$(python3 -c "import torch; print('--use-gpu' if torch.cuda.is_available() else '--no-use-gpu')")
 procs=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
-batch=${BATCH:-128}
+batch=${BATCH:-512}
 mkdir -p "$work" "$out"
 
 generate() {
@@ -65,7 +66,7 @@ else
 fi
 python3 -m ray_suti.train.local --mode suti --init-from "$init" --data "$oracle" --steps 1000000 \
   --max-minutes "$minutes" --noise-repeats 2 --storage-path "$work/runs" --name suti \
-  ${SUTI_FLAGS:---neighbour-cosine --high-noise-frac 0.5} \
+  ${SUTI_FLAGS:---neighbour-cosine --high-noise-frac 0.5 --demo-grad} \
   --export-file "$out/tiny-32.safetensors.new" $common
 mv "$out/tiny-32.safetensors.new" "$out/tiny-32.safetensors"
 [ -n "${generator:-}" ] && pkill -P "$generator" 2>/dev/null || true  # the generator's python; its pool follows

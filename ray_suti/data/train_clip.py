@@ -60,10 +60,14 @@ def page_pairs(group: pd.DataFrame, seed: int) -> pd.DataFrame:
                          "page": [group["page_key"].iloc[0]] * n})
 
 
-def augment(x, rng: np.random.Generator, shift: int = 3):
-    """(N, 3, S, S) CLIP-normalised images -> a random shift-crop (edge padding) and flip of each."""
+def augment(x, rng: np.random.Generator, shift: int = 3, brightness: float = 0.05, noise: float = 0.01):
+    """(N, 3, S, S) CLIP-normalised images -> a random shift-crop (edge padding), flip, brightness
+    scale and pixel noise of each: what separates a re-upload from its original, so that near-copies
+    embed together (noise in [0, 1] pixel units)."""
     import torch
     import torch.nn.functional as F
+
+    from .clip import MEAN, STD
 
     n, _, s, _ = x.shape
     padded = F.pad(x, (shift,) * 4, mode="replicate")
@@ -72,7 +76,12 @@ def augment(x, rng: np.random.Generator, shift: int = 3):
     rows, cols = (dy[:, None] + grid)[:, :, None], (dx[:, None] + grid)[:, None, :]
     out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (N, 3, S, S)
     flip = torch.from_numpy(rng.random(n) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(flip, out.flip(-1), out).contiguous()
+    out = torch.where(flip, out.flip(-1), out)
+    std = torch.as_tensor(STD, device=x.device)[:, None, None]
+    mean = torch.as_tensor(MEAN, device=x.device)[:, None, None]
+    scale = torch.from_numpy(rng.uniform(1 - brightness, 1 + brightness, (n, 1, 1, 1)).astype(np.float32)).to(x.device)
+    pixels = (out * std + mean) * scale + noise * torch.randn(out.shape, device=x.device)
+    return ((pixels - mean) / std).contiguous()
 
 
 def contrastive(x, y, scale, same_page=None):

@@ -53,3 +53,22 @@ def test_same_page_negatives_are_masked_out():
     t = torch.arange(4)
     expected = (torch.nn.functional.cross_entropy(logits, t) + torch.nn.functional.cross_entropy(logits.T, t)) / 2
     assert torch.allclose(masked, expected) and not torch.allclose(masked, contrastive(x, y, 10.0))
+
+
+def test_augment_is_a_window_of_the_padded_image_flipped_or_not():
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from ray_suti.data.train_clip import augment
+
+    x, rng = torch.randn(12, 3, 8, 8), np.random.default_rng(0)
+    same = augment(x, rng, shift=0, brightness=0, noise=0)
+    assert all(torch.allclose(o, i, atol=1e-5) or torch.allclose(o, i.flip(-1), atol=1e-5) for o, i in zip(same, x))
+    out, padded = augment(x, rng, shift=2, brightness=0, noise=0), F.pad(x, (2,) * 4, mode="replicate")
+    windows = [[p[:, dy: dy + 8, dx: dx + 8] for dy in range(5) for dx in range(5)] for p in padded]
+    assert all(any(torch.allclose(o, w, atol=1e-5) or torch.allclose(o, w.flip(-1), atol=1e-5) for w in ws)
+               for o, ws in zip(out, windows))
+    assert len({tuple(o.flatten()[:4].tolist()) for o in out}) > 1
+    jittered = augment(x, rng, shift=0, brightness=0.05, noise=0.01)
+    assert not torch.allclose(jittered.abs().sum(), same.abs().sum())

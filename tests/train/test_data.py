@@ -113,3 +113,20 @@ def test_training_can_switch_a_checkpoint_to_cosine_attention(tmp_path):
     before, after = pipe.model.state_dict(), switched.model.state_dict()
     assert {k for k in after if k not in before} and all(k.endswith("logit_scale") for k in after if k not in before)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_local_stream_fills_batches_across_small_shards_and_sees_new_ones(tmp_path):
+    import itertools
+
+    from ray_suti.train.local import ParquetStream
+    from ray_suti.world.oracle import write_oracle_shard
+
+    oracle = OracleConfig(out=str(tmp_path), examples=15, examples_per_shard=5, image_size=32)
+    for shard in range(2):
+        write_oracle_shard(oracle, shard)
+    cfg = TrainConfig(data=str(tmp_path), batch_size=8)
+    stream = ParquetStream(cfg, Collate(cfg, clip_tokenizer(32), 32, 32, seed=0))
+    batches = list(itertools.islice(iter(stream), 3))  # 5-row shards, 8-row batches: rows carry over
+    assert [b["target"].shape[0] for b in batches] == [8, 8, 8]
+    write_oracle_shard(oracle, 2)  # a generator adding shards while training runs
+    assert len(stream.files()) == 3

@@ -41,6 +41,19 @@ def _train_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apprentice(args: argparse.Namespace) -> int:
+    from .apprentice.job import ApprenticeConfig, run_apprentice
+
+    cfg = from_args(ApprenticeConfig, args)
+    try:
+        stats = run_apprentice(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print(json.dumps(stats, indent=2, sort_keys=True))
+    print(f"ICL-V2 examples: {cfg.output}/examples   stats: {cfg.output}/stats.json")
+    return 0
+
+
 def _oracle(args: argparse.Namespace) -> int:
     from .world.oracle import OracleConfig, write_oracle
 
@@ -170,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("oracle", help="write oracle ICL-V2 examples (the renderer as a perfect expert)")
     add_dataclass_args(p, OracleConfig)
     p.set_defaults(func=_oracle)
+
+    from .apprentice.job import ApprenticeConfig
+
+    p = sub.add_parser("apprentice", help="stage 3: DreamBooth experts draw ICL-V2 targets for each cluster (Ray actors)")
+    add_dataclass_args(p, ApprenticeConfig)
+    p.set_defaults(func=_apprentice)
 
     p = sub.add_parser("pretrain", help="stage 2: train the base text-to-image model on web pairs (Ray Train)")
     add_dataclass_args(p, TrainConfig, skip=("mode",))

@@ -53,3 +53,18 @@ def embed_images(clip, images, size: int, device: str = "cpu") -> np.ndarray:
         return np.zeros((0, 0), np.float32)
     feats = clip.encode_image(preprocess(images, size).to(device))
     return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+
+
+@torch.no_grad()
+def embed_texts(clip, texts: list[str], model: str = "tiny", device: str = "cpu") -> np.ndarray:
+    """-> (N, D) float32, unit length, with the tokenizer that belongs to ``model``."""
+    import open_clip
+
+    if model == "tiny":
+        from open_clip.tokenizer import SimpleTokenizer
+
+        ids = SimpleTokenizer()(list(texts), context_length=TINY_CLIP["text_cfg"]["context_length"])
+    else:
+        ids = open_clip.get_tokenizer(model)(list(texts))
+    feats = clip.encode_text(ids.to(device))
+    return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()

@@ -276,8 +276,8 @@ class SuTIPipeline:
         """Draw the subject of ``subject_images`` as ``prompt`` describes.
 
         prompt: one prompt or a list. subject_images: the photos of one subject (paths, bytes, PIL
-        images or arrays), one list of photos per prompt, or ``DemoFeatures`` from
-        ``encode_subject``. subject_captions: optional captions, shaped like the photos.
+        images or arrays), one list of photos per prompt, ``DemoFeatures`` from ``encode_subject``,
+        or None for plain text-to-image. subject_captions: optional captions, shaped like the photos.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -291,7 +291,9 @@ class SuTIPipeline:
         b = len(prompts)
 
         demo_inputs, demos = None, None
-        if isinstance(subject_images, DemoFeatures):
+        if subject_images is None:  # plain text-to-image: the base model (and DreamBooth experts)
+            pass
+        elif isinstance(subject_images, DemoFeatures):
             demos = subject_images if subject_images.batch_size == b else subject_images.repeat(b)
         else:
             photos = list(subject_images or [])

@@ -77,3 +77,19 @@ def write_oracle(cfg: OracleConfig, progress: bool = True) -> int:
     parts = run_sharded(write_oracle_shard, [(cfg, s) for s in range(n_shards)], cfg.max_in_flight,
                         "oracle examples", unit_key="examples", total=cfg.examples, progress=progress)
     return sum(p["examples"] for p in parts)
+
+
+def oracle_cluster(subject_seed: int, num_photos: int = 4, image_size: int = 32, seed: int = 0) -> dict:
+    """An ICL-cluster row (stage 1's contract) of one subject in ordinary scenes: what a perfect
+    dataset builder would keep, for testing and measuring the apprenticeship stage on its own."""
+    rng = np.random.default_rng([seed, 0xC1, subject_seed])
+    word = Subject.from_seed(subject_seed).class_word
+    contexts = [sample_context(rng, DEMO_SKILLS, jitter=0.03) for _ in range(num_photos)]
+    return {
+        "cluster_id": f"subject-{subject_seed}", "page_url": f"world://subject/{subject_seed}", "kept": True,
+        "drop_reason": "", "keys": [f"{subject_seed}-{i}" for i in range(num_photos)],
+        "images": [encode_png(render(subject_seed, c, image_size)[0]) for c in contexts],
+        "captions": [c.prompt(word) for c in contexts], "embeddings": [[] for _ in contexts],
+        "n_records": num_photos, "n_images": num_photos, "duplicates_removed": 0, "mean_sim": None,
+        "min_sim": None, "max_sim": None, "record_reasons": "{}",
+    }

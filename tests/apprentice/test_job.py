@@ -1,0 +1,138 @@
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ray_suti.apprentice.job import ApprenticeConfig, ExpertWorker, iter_clusters, summarize
+from ray_suti.apprentice.prompts import Prompt
+from ray_suti.schemas import ICL_CLUSTER_SCHEMA, ICL_V2_SCHEMA
+from ray_suti.world import heldout_seeds
+from ray_suti.world.oracle import oracle_cluster
+
+from ..conftest import REPO
+
+FAST = dict(clip_pretrained="", dreambooth_steps=3, sample_steps=3, prompts_per_cluster=2, candidates_per_prompt=2,
+            clip_i_threshold=0.0)
+
+
+def write_clusters(path, n: int) -> list[dict]:
+    rows = [oracle_cluster(s) for s in heldout_seeds(n)]
+    os.makedirs(path, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=ICL_CLUSTER_SCHEMA), os.path.join(path, "part-0.parquet"))
+    return rows
+
+
+class EmptyPrompts:
+    def write(self, class_word, captions, n, rng):
+        return [Prompt("  ", ("recontext",))] * n
+
+
+def test_each_cluster_becomes_examples_or_a_skip_with_its_reason(tmp_path):
+    cfg = ApprenticeConfig(output=str(tmp_path / "out"), keep_rejected=True, **FAST)
+    worker = ExpertWorker(cfg)
+    good = oracle_cluster(heldout_seeds(1)[0])
+    one_photo = {**good, "cluster_id": "one-photo", "images": good["images"][:1], "captions": good["captions"][:1]}
+    unreadable = {**good, "cluster_id": "../../escape", "images": [b"<html>", good["images"][0][:30], good["images"][1]]}
+    assert worker.run(one_photo)["reason"] == "too_few_images"
+    status = worker.run(unreadable)
+    assert status["reason"] == "too_few_images" and status["unreadable_images"] == 2
+    assert "/" not in status["file"] and not (tmp_path / "escape.json").exists()  # no input becomes a path
+    assert worker.run(good)["status"] == "done"
+    worker.writer = EmptyPrompts()
+    assert worker.run({**good, "cluster_id": "empty-prompts"})["reason"] == "no_prompts"
+
+    examples = pq.read_table(tmp_path / "out" / "examples").to_pylist() if (tmp_path / "out" / "examples").exists() else []
+    rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist() if (tmp_path / "out" / "rejected").exists() else []
+    assert len(examples) + len(rejected) == 4  # 2 prompts x 2 candidates of the one good cluster
+    table = pq.read_table(tmp_path / "out" / ("examples" if examples else "rejected"))
+    assert table.schema.names == ICL_V2_SCHEMA.names
+    for row in examples + rejected:
+        assert row["cluster_id"] == good["cluster_id"] and row["expert"] == f"dreambooth-lora:{good['cluster_id']}"
+        assert len(row["demo_images"]) == 3 and row["target_prompt"] not in good["captions"] and row["skills"]
+        assert (row["clip_i"] >= cfg.clip_i_threshold) == (row in examples)
+    stats = summarize(cfg.output)
+    assert stats["clusters"] == 4 and stats["clusters_done"] == 1
+    assert stats["clusters_skipped"] == {"too_few_images": 2, "no_prompts": 1} and stats["unreadable_images"] == 2
+    assert stats["candidates"] == 4 and sum(d["candidates"] for d in stats["per_skill"].values()) >= 4
+
+
+def test_unreadable_cluster_files_are_clear_errors(tmp_path):
+    write_clusters(tmp_path / "ok", 2)
+    assert [r["cluster_id"] for r in iter_clusters(str(tmp_path / "ok"))] == [f"subject-{s}" for s in heldout_seeds(2)]
+    assert len(list(iter_clusters(str(tmp_path / "ok"), max_clusters=1))) == 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = (tmp_path / "ok" / "part-0.parquet").read_bytes()
+    (bad / "part-0.parquet").write_bytes(data[:-12])  # corrupt footer
+    with pytest.raises(ValueError, match="part-0.parquet: not a readable Parquet file"):
+        list(iter_clusters(str(bad)))
+    pq.write_table(pa.table({"cluster_id": ["x"]}), tmp_path / "cols.parquet")
+    with pytest.raises(ValueError, match=r"missing ICL-cluster columns \['captions', 'images'\]"):
+        list(iter_clusters(str(tmp_path / "cols.parquet")))
+    with pytest.raises(FileNotFoundError):
+        list(iter_clusters(str(tmp_path / "empty-dir-does-not-exist") + "/"))
+
+
+def _statuses(folder) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")) if folder.exists() else []
+
+
+def _read_output(out) -> tuple[list, list]:
+    rows = sorted(pq.read_table(out / "examples").to_pylist(), key=lambda r: r["example_id"])
+    statuses = []
+    for name in _statuses(out / "status"):
+        s = json.loads((out / "status" / name).read_text())
+        s.pop("seconds")
+        statuses.append(s)
+    return rows, statuses
+
+
+@pytest.mark.slow
+def test_a_killed_job_rerun_equals_a_clean_run(tmp_path, ray_head):
+    import subprocess
+    import sys
+    import time
+
+    write_clusters(tmp_path / "clusters", 8)
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    args = ["--clusters", str(tmp_path / "clusters"), "--clip-pretrained", "", "--dreambooth-steps", "25",
+            "--sample-steps", "8", "--prompts-per-cluster", "2", "--candidates-per-prompt", "2",
+            "--clip-i-threshold", "0.0", "--concurrency", "2"]
+
+    def submit(out, *extra):
+        cmd = [ray, "job", "submit", "--address", ray_head, *extra, "--", sys.executable, "jobs/apprentice.py",
+               *args, "--output", str(out)]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+    def job(*verb):
+        return subprocess.run([ray, "job", *verb, "--address", ray_head], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    first = tmp_path / "interrupted"
+    submit(first, "--no-wait", "--submission-id", "apprentice-interrupted")
+    status_dir, deadline, killed = first / "status", time.time() + 600, False
+    while time.time() < deadline:
+        done = len(_statuses(status_dir))
+        if done >= 1 and not killed:  # kill an expert actor mid-cluster: Ray restarts it and retries the call
+            pids = subprocess.run(["pgrep", "-f", "ray::ExpertWorker"], capture_output=True, text=True).stdout.split()
+            if pids:
+                os.kill(int(pids[0]), 9)
+                killed = True
+        if done >= 2:
+            break
+        time.sleep(0.5)
+    assert killed
+    assert "RUNNING" in job("status", "apprentice-interrupted").stdout  # the kill did not end the job
+    job("stop", "apprentice-interrupted")
+    assert len(_statuses(status_dir)) < 8  # stopped midway
+    for out in (first, tmp_path / "clean"):  # finish the interrupted run; a clean run beside it
+        proc = submit(out)
+        assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    stats = json.loads((first / "stats.json").read_text())
+    assert stats["clusters_done"] == 8 and stats["clusters_already_done"] >= 2
+    assert not [p for p in first.rglob("*.tmp*")]  # a write cut short by the kill was cleaned up
+    assert _read_output(first) == _read_output(tmp_path / "clean")

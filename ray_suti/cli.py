@@ -54,6 +54,27 @@ def _apprentice(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from .serving.app import build_app
+    from .utils.ray_utils import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.run(build_app(checkpoint=args.checkpoint, store=args.store, max_replicas=args.max_replicas,
+                        num_gpus=args.num_gpus), route_prefix="/")
+    print(f"serving {args.checkpoint} at http://127.0.0.1:{args.port}  (API docs: /docs; Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def _oracle(args: argparse.Namespace) -> int:
     from .world.oracle import OracleConfig, write_oracle
 
@@ -210,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("serve", help="stage 6: serve the HTTP API locally (Ray Serve; serve/config.yaml for clusters)")
+    p.add_argument("--checkpoint", default="checkpoints/tiny-32.safetensors")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--store", default="runs/subjects", help="folder of registered subjects")
+    p.add_argument("--max-replicas", type=int, default=2)
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")
+    p.set_defaults(func=_serve)
 
     from .evaluate.synthetic import add_cli as add_evaluate
 

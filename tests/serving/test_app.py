@@ -1,0 +1,157 @@
+"""The real Serve app over real HTTP, with the committed tiny model and DreamBench photos as demos."""
+import base64
+import io
+import json
+import threading
+
+import pytest
+import requests
+from PIL import Image
+
+from ..conftest import REPO, free_port
+
+CHECKPOINT = str(REPO / "checkpoints" / "tiny-32.safetensors")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from ray_suti.serving.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    store = str(tmp_path_factory.mktemp("subjects"))
+    serve.run(build_app(CHECKPOINT, store, max_replicas=1, max_body_bytes=2_000_000), name="suti", route_prefix="/")
+    serve.run(build_app(CHECKPOINT, store, max_replicas=1, token="s3cret"), name="locked", route_prefix="/locked")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def photos(dreambench_dir, name, n=3):
+    return [p.read_bytes() for p in sorted((dreambench_dir / name).glob("*.jpg"))[:n]]
+
+
+def register(url, images, captions=None):
+    files = [("images", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    data = [("captions", c) for c in captions or []]
+    return requests.post(f"{url}/v1/subjects", files=files, data=data, timeout=60)
+
+
+def generate(url, seed=0, accept="application/json", **body):
+    body = {"prompt": "a photo on the beach", "steps": 4, "seed": seed, **body}
+    return requests.post(f"{url}/v1/generate", json=body, headers={"Accept": accept}, timeout=120)
+
+
+def test_register_generate_and_delete(url, dreambench_dir):
+    r = register(url, photos(dreambench_dir, "dog2"), ["a dog", "a dog", "a dog on grass"])
+    assert r.status_code == 201, r.text
+    subject = r.json()["subject_id"]
+    assert register(url, photos(dreambench_dir, "dog2"), ["a dog", "a dog", "a dog on grass"]).json()["subject_id"] == subject
+    as_json = requests.post(f"{url}/v1/subjects", json={"images": [base64.b64encode(b).decode() for b in photos(
+        dreambench_dir, "can", 2)]}, timeout=60)
+    assert as_json.status_code == 201 and as_json.json()["subject_id"] != subject
+
+    png = generate(url, subject_id=subject, accept="image/png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (32, 32)
+    assert generate(url, subject_id=subject, accept="image/png").content == png.content  # same seed, same image
+    assert generate(url, seed=1, subject_id=subject, accept="image/png").content != png.content
+    many = generate(url, subject_id=subject, num_images=2).json()
+    assert len(many["images"]) == 2 and many["seed"] == 0 and base64.b64decode(many["images"][0]) == png.content
+    inline = generate(url, images=[base64.b64encode(b).decode() for b in photos(dreambench_dir, "dog2")],
+                      captions=["a dog", "a dog", "a dog on grass"], accept="image/png")
+    assert inline.status_code == 200 and inline.content == png.content  # the same subject, not stored
+
+    assert requests.delete(f"{url}/v1/subjects/{subject}", timeout=30).status_code == 204
+    assert generate(url, subject_id=subject).status_code == 404
+    assert requests.delete(f"{url}/v1/subjects/{subject}", timeout=30).status_code == 404
+
+
+def test_batched_requests_of_different_subjects_do_not_mix(url, dreambench_dir):
+    subjects = [register(url, photos(dreambench_dir, name, n)).json()["subject_id"]
+                for name, n in (("dog2", 3), ("can", 2), ("clock", 1))]
+    alone = [generate(url, seed=7, subject_id=s, accept="image/png").content for s in subjects]
+    together, rows = [None] * 6, []
+
+    def call(i):
+        r = generate(url, seed=7, subject_id=subjects[i % 3])
+        together[i] = base64.b64decode(r.json()["images"][0])
+        rows.append(r.json()["timings"]["batch_rows"])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(rows) > 1  # some requests really shared a batch
+    assert together == alone * 2
+
+
+def test_bad_input_gets_a_json_4xx(url, dreambench_dir):
+    good = photos(dreambench_dir, "dog2", 1)
+    cases = [
+        (register(url, [b"<html>not an image</html>"]), 422),
+        (register(url, good * 6), 422),
+        (register(url, [good[0][:200]]), 422),  # truncated
+        (requests.post(f"{url}/v1/subjects", json={"images": ["%%%"]}, timeout=30), 422),
+        (requests.post(f"{url}/v1/subjects", json={"images": "abc"}, timeout=30), 422),
+        (requests.post(f"{url}/v1/generate", data="{not json", timeout=30), 400),
+        (generate(url, subject_id="../../etc/passwd"), 404),
+        (generate(url, subject_id="0" * 64), 404),
+        (generate(url, subject_id="0" * 64, steps=1000), 422),
+        (generate(url, subject_id="0" * 64, prompt=7), 422),
+        (generate(url, subject_id="0" * 64, seed="7"), 422),
+        (generate(url, prompt="x"), 422),  # neither subject_id nor images
+        (generate(url, subject_id="0" * 64, extra=1), 422),
+        (generate(url, subject_id="0" * 64, num_images=2, accept="image/png"), 406),
+        (requests.post(f"{url}/v1/generate", data=b"x" * 2_100_000, timeout=30), 413),
+    ]
+    bomb = io.BytesIO()
+    Image.new("RGB", (5000, 5000)).save(bomb, format="PNG")  # 75 MB once decoded, 70 KB on the wire
+    cases.append((register(url, [bomb.getvalue()]), 422))
+    for response, status in cases:
+        assert response.status_code == status, (status, response.text)
+        assert "detail" in response.json()
+    assert generate(url, images=[base64.b64encode(good[0]).decode()], accept="image/png").status_code == 200
+
+
+def test_health_model_docs_and_auth(url):
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"ok": True}
+    info = requests.get(f"{url}/v1/model", timeout=30).json()
+    assert info["preset"] == "tiny-32" and len(info["checkpoint_id"]) == 16
+    schema = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert {"/v1/subjects", "/v1/generate", "/v1/subjects/{subject_id}", "/healthz", "/v1/model"} <= set(schema["paths"])
+    assert "prompt" in json.dumps(schema["paths"]["/v1/generate"])
+    assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+    assert requests.get(f"{url}/locked/v1/model", timeout=30).status_code == 401
+    assert requests.get(f"{url}/locked/v1/model", headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    assert requests.get(f"{url}/locked/v1/model", headers={"Authorization": "Bearer s3cret"}, timeout=30).status_code == 200
+
+
+def test_500_malformed_requests_all_get_a_4xx_and_the_service_still_generates(url, dreambench_dir):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+    values = st.recursive(leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                          max_leaves=8)
+    keys = ("prompt", "subject_id", "images", "captions", "num_images", "steps", "guidance_text",
+            "guidance_subject", "seed", "extra")
+    requests_like = st.fixed_dictionaries({}, optional={k: values for k in keys})
+    bodies = st.one_of(requests_like.map(json.dumps), values.map(json.dumps), st.binary(max_size=64))
+    seen = []
+
+    @settings(max_examples=500, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(path=st.sampled_from(["/v1/generate", "/v1/subjects"]), body=bodies)
+    def malformed(path, body):
+        r = requests.post(f"{url}{path}", data=body, headers={"Content-Type": "application/json"}, timeout=30)
+        seen.append(r.status_code)
+        assert 400 <= r.status_code < 500 and "detail" in r.json(), (path, body, r.status_code, r.text)
+
+    malformed()
+    assert len(seen) >= 500
+    subject = register(url, photos(dreambench_dir, "can", 2)).json()["subject_id"]
+    assert generate(url, subject_id=subject, accept="image/png").status_code == 200

@@ -87,7 +87,8 @@ def _png(image01: np.ndarray) -> bytes:
 class Generator:
     """One replica: the pipeline, and the demo features of recently used subjects."""
 
-    def __init__(self, checkpoint: str, store_root: str, cache_size: int = 256, use_gpu: bool = False):
+    def __init__(self, checkpoint: str, store_root: str, cache_size: int = 256, use_gpu: bool = False,
+                 max_batch_size: int = 8):
         import torch
 
         from ..model.pipeline import load_pipeline
@@ -100,6 +101,7 @@ class Generator:
         self.cache: OrderedDict = OrderedDict()
         self.cache_size, self.checkpoint = cache_size, checkpoint
         self.stats = {"feature_hits": 0, "feature_misses": 0, "batches": 0, "rows": 0}
+        self.generate.set_max_batch_size(max_batch_size)  # 1 turns batching off (bench/serve_load.py)
 
     def features(self, subject_id: str):
         """Cached DemoFeatures of a stored subject, or None when it is not (or no longer) stored."""
@@ -253,6 +255,19 @@ class Ingress:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
             return _error(422, problems[:2000])
 
+    async def _call_model(self, job: dict, attempts: int = 3) -> dict:
+        """A replica that dies mid-request (crash, node loss, scale-down) costs a retry, not an error:
+        the handle routes the retry to a live replica."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        for attempt in range(attempts):
+            try:
+                return await self.generator.generate.remote(job)
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                if attempt == attempts - 1:
+                    return {"status": 503, "detail": "no model replica answered; try again"}
+                await asyncio.sleep(0.5 * (attempt + 1))
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"ok": True}
@@ -321,7 +336,7 @@ class Ingress:
                 return _error(422, "captions must be one string per image")
             job.update(photos=photos, captions=req.captions)
         t0 = time.perf_counter()
-        result = await self.generator.generate.remote(job)
+        result = await self._call_model(job)
         if result["status"] != 200:
             return _error(result["status"], result["detail"])
         if want_png:
@@ -335,14 +350,15 @@ class Ingress:
 def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = "runs/subjects",
               min_replicas: int = 1, max_replicas: int = 2, target_ongoing_requests: float = 2.0,
               num_gpus: float = 0.0, num_cpus: float = 1.0, cache_size: int = 256, token: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES):
+              max_body_bytes: int = MAX_BODY_BYTES, max_batch_size: int = 8, downscale_delay_s: float = 10.0):
     """The application graph (``serve run serve.app:build``). ``token`` (default: the environment's
     SUTI_API_TOKEN) makes every API route but /healthz require ``Authorization: Bearer <token>``."""
     store = os.path.abspath(store)
     generator = Generator.options(
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
                             "target_ongoing_requests": target_ongoing_requests,
-                            "upscale_delay_s": 2.0, "downscale_delay_s": 10.0},
+                            "upscale_delay_s": 2.0, "downscale_delay_s": downscale_delay_s},
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-    ).bind(os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint, store, cache_size, num_gpus > 0)
+    ).bind(os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint, store, cache_size, num_gpus > 0,
+           max_batch_size)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(generator, store, max_body_bytes, token)

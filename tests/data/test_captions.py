@@ -8,7 +8,10 @@ WORDS = "a the toy mug robot creature small large red blue on in beach snow fore
 
 def save_tiny_captioner(path) -> set:
     """A tiny GIT image-to-text model with its processor, saved offline; returns its vocabulary."""
+    import torch
     from transformers import BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    torch.manual_seed(0)  # random weights: the same ones whatever ran before in this process
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     processor = GitProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},

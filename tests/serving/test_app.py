@@ -155,3 +155,24 @@ def test_500_malformed_requests_all_get_a_4xx_and_the_service_still_generates(ur
     assert len(seen) >= 500
     subject = register(url, photos(dreambench_dir, "can", 2)).json()["subject_id"]
     assert generate(url, subject_id=subject, accept="image/png").status_code == 200
+
+
+def test_config_file_is_a_valid_serve_config_whose_import_path_builds():
+    import importlib
+    import sys
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
+    app = config.applications[0]
+    assert config.http_options.host == "127.0.0.1" and app.route_prefix == "/"
+    module, attr = app.import_path.split(":")
+    sys.path.insert(0, str(REPO))
+    try:
+        built = getattr(importlib.import_module(module), attr)(app.args)
+    finally:
+        sys.path.remove(str(REPO))
+    from ray.serve import Application
+
+    assert isinstance(built, Application)

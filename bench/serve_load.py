@@ -1,0 +1,187 @@
+"""Load and faults on the Serve app, 127.0.0.1 only, bounded in requests and time.
+
+    .venv/bin/python bench/serve_load.py [--requests 48 --clients 8 --steps 10]
+
+In one run, on one local Ray (2 CPUs here):
+1. throughput and p50/p95/p99 latency: 1 replica with batching, 1 replica without, 2 replicas with;
+2. autoscaling: min 1 / max 2 replicas, load until a second replica is up, then idle until it goes;
+3. faults: 2 replicas under load, one replica process killed; the share of requests that still
+   succeed (goal >= 99%) and whether Serve replaces the replica.
+Prints JSON (and writes it to --out) with the ratios side by side.
+"""
+import argparse
+import base64
+import json
+import os
+import tempfile
+import threading
+import time
+
+import numpy as np
+import requests
+
+from ray_suti.serving.app import build_app
+from ray_suti.utils.ray_utils import init_ray
+from ray_suti.world import Subject, heldout_seeds, render
+from ray_suti.world.contexts import Context
+from ray_suti.utils.images import encode_png
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Load:
+    """``clients`` threads sending generate requests until ``total`` are sent or ``stop`` is set."""
+
+    def __init__(self, url: str, subjects: list[str], clients: int, total: int, steps: int, deadline_s: float):
+        self.url, self.subjects, self.steps = url, subjects, steps
+        self.total, self.deadline = total, time.time() + deadline_s
+        self.latencies, self.codes, self.sent, self.lock, self.stop = [], [], 0, threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
+
+    def client(self, i: int) -> None:
+        while not self.stop.is_set() and time.time() < self.deadline:
+            with self.lock:
+                if self.sent >= self.total:
+                    return
+                n = self.sent
+                self.sent += 1
+            body = {"prompt": "a photo on the beach", "subject_id": self.subjects[n % len(self.subjects)],
+                    "steps": self.steps, "seed": n}
+            t0 = time.perf_counter()
+            try:
+                code = requests.post(f"{self.url}/v1/generate", json=body, timeout=120).status_code
+            except requests.RequestException:
+                code = 0
+            with self.lock:
+                self.latencies.append(time.perf_counter() - t0)
+                self.codes.append(code)
+
+    def run(self, block: bool = True) -> "Load":
+        self.t0 = time.perf_counter()
+        for t in self.threads:
+            t.start()
+        if block:
+            self.join()
+        return self
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
+        self.wall = time.perf_counter() - self.t0
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies) * 1000
+        ok = sum(c == 200 for c in self.codes)
+        return {"requests": len(self.codes), "ok_rate": round(ok / max(1, len(self.codes)), 4),
+                "throughput_rps": round(ok / self.wall, 3),
+                **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}}
+
+
+def replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments["Generator"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def generator_actors(app: str) -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.name for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if a.name and app in a.name and "Generator" in a.name}
+
+
+def register(url: str, n: int) -> list[str]:
+    ids = []
+    for seed in heldout_seeds(n):
+        word = Subject.from_seed(seed).class_word
+        photos = [encode_png(render(seed, Context(scene=s), 32)[0]) for s in ("beach", "forest", "city")]
+        r = requests.post(f"{url}/v1/subjects", json={"images": [base64.b64encode(p).decode() for p in photos],
+                                                      "captions": [f"a {word}"] * 3}, timeout=60)
+        r.raise_for_status()
+        ids.append(r.json()["subject_id"])
+    return ids
+
+
+def wait_for(predicate, timeout_s: float) -> float | None:
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        if predicate():
+            return round(time.time() - t0, 1)
+        time.sleep(0.5)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--checkpoint", default="checkpoints/tiny-32.safetensors")
+    parser.add_argument("--out", default="runs/bench-serve/results.json")
+    args = parser.parse_args()
+    import ray
+    from ray import serve
+
+    init_ray(num_cpus=2)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url, store = f"http://127.0.0.1:{port}", tempfile.mkdtemp(prefix="suti-subjects-")
+    results: dict = {"config": vars(args)}
+
+    def deploy(name: str, **kw) -> str:
+        serve.run(build_app(args.checkpoint, store, **kw), name=name, route_prefix=f"/{name}")
+        return f"{url}/{name}"
+
+    # 1. throughput and latency
+    for name, kw in (("r1_batch", dict(min_replicas=1, max_replicas=1)),
+                     ("r1_nobatch", dict(min_replicas=1, max_replicas=1, max_batch_size=1)),
+                     ("r2_batch", dict(min_replicas=2, max_replicas=2))):
+        app_url = deploy(name, **kw)
+        subjects = register(app_url, 3)
+        Load(app_url, subjects, 2, 4, args.steps, 120).run()  # warm-up: feature caches, first-call costs
+        results[name] = Load(app_url, subjects, args.clients, args.requests, args.steps, 300).run().summary()
+        print(name, results[name], flush=True)
+        serve.delete(name)
+    results["ratios"] = {
+        "batching_vs_not_throughput": round(results["r1_batch"]["throughput_rps"] / results["r1_nobatch"]["throughput_rps"], 3),
+        "two_vs_one_replica_throughput": round(results["r2_batch"]["throughput_rps"] / results["r1_batch"]["throughput_rps"], 3)}
+
+    # 2. autoscaling 1 -> 2 under load, back to 1 after it
+    app_url = deploy("auto", min_replicas=1, max_replicas=2, target_ongoing_requests=1, downscale_delay_s=5.0)
+    subjects = register(app_url, 3)
+    load = Load(app_url, subjects, args.clients, 10_000, args.steps, 180).run(block=False)
+    up = wait_for(lambda: replicas("auto") >= 2, 150)
+    load.stop.set()
+    load.join()
+    down = wait_for(lambda: replicas("auto") == 1, 120) if up is not None else None
+    results["autoscaling"] = {"scaled_up_after_s": up, "scaled_down_after_idle_s": down, "load": load.summary()}
+    print("autoscaling", results["autoscaling"], flush=True)
+    serve.delete("auto")
+
+    # 3. a replica process killed under load
+    app_url = deploy("faults", min_replicas=2, max_replicas=2)
+    subjects = register(app_url, 3)
+    load = Load(app_url, subjects, args.clients, 10_000, args.steps, 40).run(block=False)
+    time.sleep(8)
+    victim = sorted(generator_actors("faults"))[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    replaced = wait_for(lambda: len(generator_actors("faults") - {victim}) == 2, 120)
+    load.join()
+    results["replica_killed_under_load"] = {**load.summary(), "replaced_after_s": replaced}
+    serve.delete("faults")
+    serve.shutdown()
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,17 +19,23 @@ def _world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_stage(run, cfg, where: str, hide: tuple = ()) -> int:
+    """Runs a stage; bad input ends it with a one-line error instead of a traceback."""
+    try:
+        stats = run(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print(json.dumps({k: v for k, v in stats.items() if k not in hide}, indent=2, sort_keys=True))
+    print(where)
+    return 0
+
+
 def _build_dataset(args: argparse.Namespace) -> int:
     from .data.builder import BuildConfig, build_dataset
 
     cfg = from_args(BuildConfig, args)
-    try:
-        stats = build_dataset(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    print(json.dumps({k: v for k, v in stats.items() if k != "mean_sim_histogram"}, indent=2, sort_keys=True))
-    print(f"clusters: {cfg.output}/clusters   stats: {cfg.output}/stats.json")
-    return 0
+    return _run_stage(build_dataset, cfg, f"clusters: {cfg.output}/clusters   stats: {cfg.output}/stats.json",
+                      hide=("mean_sim_histogram",))
 
 
 def _train_clip(args: argparse.Namespace) -> int:
@@ -45,13 +51,7 @@ def _apprentice(args: argparse.Namespace) -> int:
     from .apprentice.job import ApprenticeConfig, run_apprentice
 
     cfg = from_args(ApprenticeConfig, args)
-    try:
-        stats = run_apprentice(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    print(json.dumps(stats, indent=2, sort_keys=True))
-    print(f"ICL-V2 examples: {cfg.output}/examples   stats: {cfg.output}/stats.json")
-    return 0
+    return _run_stage(run_apprentice, cfg, f"ICL-V2 examples: {cfg.output}/examples   stats: {cfg.output}/stats.json")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from .config import TrainConfig
 from .data import columns
@@ -12,6 +12,13 @@ from .data import columns
 
 def _storage(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: Ray Train workers run in another working directory, where
+    ``--init-from checkpoints/x.safetensors`` would not be found. URIs are left alone."""
+    fields = ("data", "init_from", "resume_from", "storage_path", "export", "export_file")
+    return replace(cfg, **{f: _storage(getattr(cfg, f)) for f in fields if getattr(cfg, f)})
 
 
 def export_checkpoint(checkpoint_dir: str, cfg: TrainConfig, command: str = "") -> dict:
@@ -41,6 +48,7 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
     from .loop import train_loop_per_worker
 
     init_ray()
+    cfg = with_absolute_paths(cfg)
     dataset = ray.data.read_parquet(cfg.data, columns=columns(cfg.mode), num_cpus=cfg.data_cpus)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(

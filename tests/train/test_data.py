@@ -130,3 +130,13 @@ def test_local_stream_fills_batches_across_small_shards_and_sees_new_ones(tmp_pa
     assert [b["target"].shape[0] for b in batches] == [8, 8, 8]
     write_oracle_shard(oracle, 2)  # a generator adding shards while training runs
     assert len(stream.files()) == 3
+
+
+def test_training_paths_become_absolute_for_workers_in_other_directories(tmp_path, monkeypatch):
+    from ray_suti.train.trainer import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(TrainConfig(data="runs/oracle", init_from="checkpoints/m.safetensors",
+                                          storage_path="s3://bucket/runs", export_file=""))
+    assert cfg.data == str(tmp_path / "runs" / "oracle") and cfg.init_from == str(tmp_path / "checkpoints" / "m.safetensors")
+    assert cfg.storage_path == "s3://bucket/runs" and cfg.export_file == ""

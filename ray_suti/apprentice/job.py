@@ -220,12 +220,26 @@ def iter_clusters(path: str, max_clusters: int = 0):
                         return
 
 
+def check_inputs(cfg: ApprenticeConfig) -> None:
+    """Fails in the driver, naming the path: an actor whose constructor fails would be restarted forever."""
+    from ..model.presets import PRESETS
+
+    if cfg.checkpoint not in PRESETS and not os.path.exists(cfg.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {cfg.checkpoint!r} is neither a preset nor a saved model")
+    if cfg.clip_model == "tiny" and cfg.clip_pretrained and not os.path.isfile(cfg.clip_pretrained):
+        raise FileNotFoundError(f"--clip-pretrained {cfg.clip_pretrained!r} not found (train one: ray-suti train-clip)")
+    if cfg.prompt_writer not in ("world", "templates") and not os.path.isdir(cfg.prompt_writer):
+        raise ValueError(f"--prompt-writer must be world, templates or a local model folder, got {cfg.prompt_writer!r}")
+
+
 def run_apprentice(cfg: ApprenticeConfig, progress: bool = True) -> dict:
     import ray
     from tqdm import tqdm
 
     from ..utils.ray_utils import init_ray
 
+    check_inputs(cfg)
+    next(iter_clusters(cfg.clusters), None)  # a bad first file fails here, before any actor starts
     init_ray()
     status_dir = os.path.join(cfg.output, "status")
     os.makedirs(status_dir, exist_ok=True)

@@ -353,6 +353,10 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
               max_body_bytes: int = MAX_BODY_BYTES, max_batch_size: int = 8, downscale_delay_s: float = 10.0):
     """The application graph (``serve run serve.app:build``). ``token`` (default: the environment's
     SUTI_API_TOKEN) makes every API route but /healthz require ``Authorization: Bearer <token>``."""
+    from ..model.presets import PRESETS
+
+    if checkpoint not in PRESETS and not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} is neither a preset nor a saved model")
     store = os.path.abspath(store)
     generator = Generator.options(
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,

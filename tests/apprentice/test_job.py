@@ -136,3 +136,16 @@ def test_a_killed_job_rerun_equals_a_clean_run(tmp_path, ray_head):
     assert stats["clusters_done"] == 8 and stats["clusters_already_done"] >= 2
     assert not [p for p in first.rglob("*.tmp*")]  # a write cut short by the kill was cleaned up
     assert _read_output(first) == _read_output(tmp_path / "clean")
+
+
+def test_missing_model_files_fail_before_any_actor_starts(tmp_path):
+    from ray_suti.apprentice.job import run_apprentice
+
+    write_clusters(tmp_path / "clusters", 1)
+    base = dict(clusters=str(tmp_path / "clusters"), output=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        run_apprentice(ApprenticeConfig(**base, checkpoint="nowhere.safetensors"))
+    with pytest.raises(FileNotFoundError, match="train one"):
+        run_apprentice(ApprenticeConfig(**base, clip_pretrained=str(tmp_path / "clip.safetensors")))
+    with pytest.raises(ValueError, match="--prompt-writer"):
+        run_apprentice(ApprenticeConfig(**base, clip_pretrained="", prompt_writer="nowhere"))

@@ -31,8 +31,11 @@ def split(cands: list[dict], threshold: float) -> dict:
     kept = [c["subject_psnr"] for c in cands if c["clip_i"] >= threshold]
     rejected = [c["subject_psnr"] for c in cands if c["clip_i"] < threshold]
     mean = lambda v: round(float(np.mean(v)), 3) if v else None  # noqa: E731
+    skills = sorted({s for c in cands for s in c["skills"]})
+    per_skill = {s: round(float(np.mean([c["clip_i"] >= threshold for c in cands if s in c["skills"]])), 3)
+                 for s in skills}
     return {"clip_i_threshold": round(threshold, 4), "keep_rate": round(len(kept) / len(cands), 3),
-            "subject_psnr_kept": mean(kept), "subject_psnr_rejected": mean(rejected)}
+            "subject_psnr_kept": mean(kept), "subject_psnr_rejected": mean(rejected), "keep_rate_per_skill": per_skill}
 
 
 def main() -> None:

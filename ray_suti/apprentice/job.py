@@ -48,7 +48,7 @@ class ApprenticeConfig:
     min_images: int = field(default=2, metadata={"help": "clusters with fewer readable photos are skipped"})
     clip_model: str = field(default="tiny", metadata={"help": "tiny or an open_clip model name"})
     clip_pretrained: str = field(default="checkpoints/tiny-clip.safetensors", metadata={"help": "CLIP weights"})
-    clip_i_threshold: float = field(default=0.8, metadata={"help": "keep candidates whose mean CLIP-I to the photos is at least"})
+    clip_i_threshold: float = field(default=0.6, metadata={"help": "keep candidates whose mean CLIP-I to the photos is at least"})
     clip_t_threshold: float = field(default=-1.0, metadata={"help": "and whose CLIP-T to the prompt is at least (-1: off)"})
     keep_rejected: bool = field(default=False, metadata={"help": "also write rejected candidates to rejected/ (audits, bench)"})
     concurrency: int = field(default=2, metadata={"help": "expert actors"})

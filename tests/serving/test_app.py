@@ -23,8 +23,13 @@ def url(ray_local, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     store = str(tmp_path_factory.mktemp("subjects"))
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, max_body_bytes=2_000_000), name="suti", route_prefix="/")
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, token="s3cret"), name="locked", route_prefix="/locked")
+    # Half a CPU per model replica: three apps share the 2-CPU test cluster.
+    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, max_body_bytes=2_000_000), name="suti",
+              route_prefix="/")
+    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, token="s3cret"), name="locked",
+              route_prefix="/locked")
+    serve.run(build_app(CHECKPOINT, str(tmp_path_factory.mktemp("small")), max_replicas=1, num_cpus=0.5,
+                        cache_size=1), name="small", route_prefix="/small")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -67,6 +72,18 @@ def test_register_generate_and_delete(url, dreambench_dir):
     assert requests.delete(f"{url}/v1/subjects/{subject}", timeout=30).status_code == 204
     assert generate(url, subject_id=subject).status_code == 404
     assert requests.delete(f"{url}/v1/subjects/{subject}", timeout=30).status_code == 404
+
+
+def test_a_feature_cache_miss_recomputes_from_the_stored_photos(url, dreambench_dir):
+    small = f"{url}/small"  # an app whose cache holds one subject
+    a, b = (register(small, photos(dreambench_dir, name, 2)).json()["subject_id"] for name in ("dog2", "can"))
+    misses = lambda: requests.get(f"{small}/v1/model", timeout=30).json()["feature_misses"]  # noqa: E731
+    before = misses()
+    first = generate(small, subject_id=a, accept="image/png").content
+    assert generate(small, subject_id=a, accept="image/png").content == first and misses() == before + 1  # a hit
+    generate(small, subject_id=b, accept="image/png")  # evicts a
+    again = generate(small, subject_id=a, accept="image/png").content
+    assert misses() == before + 3 and again == first
 
 
 def test_batched_requests_of_different_subjects_do_not_mix(url, dreambench_dir):
@@ -176,3 +193,40 @@ def test_config_file_is_a_valid_serve_config_whose_import_path_builds():
     from ray.serve import Application
 
     assert isinstance(built, Application)
+
+
+def test_serve_command_starts_the_api_and_stops_on_ctrl_c(tmp_path, dreambench_dir):
+    """`ray-suti serve --checkpoint --port` in its own process and its own local Ray."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # never join a cluster another test started
+    cmd = [sys.executable, "-m", "ray_suti.cli", "serve", "--checkpoint", CHECKPOINT, "--port", str(port),
+           "--store", str(tmp_path / "subjects"), "--max-replicas", "1"]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/v1/model", timeout=5).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):  # the proxy or the model is still starting
+                pass
+            time.sleep(2)
+        subject = register(url, photos(dreambench_dir, "clock", 2)).json()["subject_id"]
+        png = generate(url, subject_id=subject, accept="image/png")
+        assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (32, 32)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

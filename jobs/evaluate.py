@@ -1,6 +1,7 @@
-"""Stage 5: evaluate a checkpoint on held-out subjects of the synthetic world.
+"""Stage 5: evaluate a checkpoint on held-out synthetic subjects or on DreamBench.
 
     ray job submit -- python jobs/evaluate.py synthetic --checkpoint PATH --out DIR
+    ray job submit -- python jobs/evaluate.py dreambench --checkpoint PATH --data DIR --out DIR
 """
 import sys
 

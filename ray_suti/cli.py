@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")
     p.set_defaults(func=_serve)
 
-    from .evaluate.synthetic import add_cli as add_evaluate
+    from .evaluate.cli import add_cli as add_evaluate
 
     add_evaluate(sub)
 

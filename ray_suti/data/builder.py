@@ -251,7 +251,6 @@ def recaption(clusters_dir: str, cfg: BuildConfig) -> None:
 
 
 def build_dataset(cfg: BuildConfig) -> dict:
-    import ray.data
 
     from ..utils.ray_utils import init_ray
 

@@ -192,7 +192,6 @@ def _loop(config: dict) -> None:
 
 
 def train_clip(cfg: ClipTrainConfig) -> dict:
-    import ray.data
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

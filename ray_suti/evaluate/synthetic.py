@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from ..config import add_dataclass_args, from_args
 from ..world import SKILLS, Context, Subject, heldout_seeds, render
 from ..world.contexts import SCENES
 from ..world.oracle import draw_case
@@ -168,7 +167,7 @@ def _cells(*summaries: dict) -> str:
     return " | ".join("-" if s[k] is None else f"{s[k]:.2f}" for s in summaries for k in METRICS)
 
 
-def _markdown(results: dict) -> str:
+def markdown(results: dict) -> str:
     cfg, methods, diff = results["config"], results["methods"], results["suti_minus_text_only_db"]
     lines = [f"# Synthetic held-out evaluation: `{cfg['checkpoint']}`", "",
              f"{cfg['num_subjects']} held-out subjects, {cfg['num_demos']} demos each, context seed {cfg['seed']}, "
@@ -227,22 +226,7 @@ def evaluate_synthetic(cfg: SyntheticEvalConfig) -> dict:
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(_markdown(results))
+        f.write(markdown(results))
     if any("images" in r for r in records):
         _contact_sheet(records, cfg.num_demos).save(os.path.join(cfg.out, "contact_sheet.png"))
     return results
-
-
-# ---- CLI ----------------------------------------------------------------------------------------
-def _cli_synthetic(args) -> int:
-    print(_markdown(evaluate_synthetic(from_args(SyntheticEvalConfig, args))))  # the text of results.md
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Registers ``evaluate synthetic`` on the ``ray-suti`` command's subparsers."""
-    p = subparsers.add_parser("evaluate", help="evaluate a checkpoint on held-out subjects (Ray tasks)")
-    suites = p.add_subparsers(dest="suite", required=True)
-    s = suites.add_parser("synthetic", help="held-out synthetic subjects, scored against exact renders")
-    add_dataclass_args(s, SyntheticEvalConfig)
-    s.set_defaults(func=_cli_synthetic)

@@ -23,14 +23,14 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def run_sharded(fn, args_per_shard: list[tuple], max_in_flight: int, desc: str, unit_key: str | None = None,
-                total: int | None = None, progress: bool = True) -> list:
-    """Runs ``fn(*args)`` as Ray tasks (1 CPU each), at most ``max_in_flight`` at once so memory stays
-    bounded, with a progress bar; returns the results in shard order."""
+                total: int | None = None, progress: bool = True, num_gpus: float = 0) -> list:
+    """Runs ``fn(*args)`` as Ray tasks (1 CPU and ``num_gpus`` each), at most ``max_in_flight`` at once
+    so memory stays bounded, with a progress bar; returns the results in shard order."""
     import ray
     from tqdm import tqdm
 
     init_ray()
-    task = ray.remote(num_cpus=1)(fn)
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus)(fn)
     results: dict = {}
     pending: dict = {}
     queue = list(enumerate(args_per_shard))

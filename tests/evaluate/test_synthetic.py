@@ -8,7 +8,7 @@ from PIL import Image
 
 from ray_suti.config import from_args
 from ray_suti.evaluate import SyntheticEvalConfig, evaluate_synthetic, is_copy, make_cases, psnr
-from ray_suti.evaluate.synthetic import add_cli
+from ray_suti.evaluate.cli import add_cli
 from ray_suti.world import Subject, heldout_seeds, render
 
 SMALL = dict(checkpoint="tiny-32", num_subjects=4, chunk_size=2, steps=2)  # untrained, 2 Ray tasks

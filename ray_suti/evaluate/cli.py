@@ -1,0 +1,35 @@
+"""``ray-suti evaluate synthetic|dreambench``: each suite's flags come from its config dataclass."""
+from __future__ import annotations
+
+from ..config import add_dataclass_args, from_args
+
+
+def _synthetic(args) -> int:
+    from .synthetic import SyntheticEvalConfig, markdown, evaluate_synthetic
+
+    print(markdown(evaluate_synthetic(from_args(SyntheticEvalConfig, args))))  # the text of results.md
+    return 0
+
+
+def _dreambench(args) -> int:
+    from .dreambench import DreamBenchConfig, markdown, evaluate_dreambench
+
+    cfg = from_args(DreamBenchConfig, args)
+    print(markdown(evaluate_dreambench(cfg)))
+    print(f"results, contact sheets and quality_vs_seconds.png: {cfg.out}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    from .dreambench import DreamBenchConfig
+    from .synthetic import SyntheticEvalConfig
+
+    p = subparsers.add_parser("evaluate", help="stage 5: evaluate a checkpoint (Ray tasks)")
+    suites = p.add_subparsers(dest="suite", required=True)
+    s = suites.add_parser("synthetic", help="held-out synthetic subjects, scored against exact renders")
+    add_dataclass_args(s, SyntheticEvalConfig)
+    s.set_defaults(func=_synthetic)
+    d = suites.add_parser("dreambench", help="DreamBench subjects and prompts: DINO, CLIP-I, CLIP-T, seconds; "
+                                             "SuTI vs text-only, DreamBooth and copy-a-demo")
+    add_dataclass_args(d, DreamBenchConfig)
+    d.set_defaults(func=_dreambench)

@@ -93,38 +93,11 @@ def _train(args: argparse.Namespace, mode: str) -> int:
     return 0
 
 
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints",
-                                  "tiny-32.safetensors")
-
-
 def _demo(args: argparse.Namespace) -> int:
-    """World -> held-out evaluation of the committed checkpoint; finished stages are reused."""
-    from .evaluate.synthetic import SyntheticEvalConfig, evaluate_synthetic
-    from .world.crawl import WorldConfig, generate_world
+    from .demo import demo_config, report, run_demo
 
-    out = os.path.join(args.out, "world")
-    if os.path.exists(os.path.join(out, "world.json")):
-        print(f"[demo] world: reusing {out}")
-    else:
-        generate_world(WorldConfig(out=out, pages=args.pages, seed=args.seed))
-    with open(os.path.join(out, "world.json")) as f:
-        stats = json.load(f)["stats"]
-    print(f"[demo] world: {stats['pages']} pages, {stats['records']} records, "
-          f"{stats['page_kinds']} pages by kind, {sum(stats['broken'].values())} broken records")
-
-    checkpoint = args.checkpoint if os.path.exists(args.checkpoint) else "tiny-32"
-    if checkpoint != args.checkpoint:
-        print(f"[demo] no checkpoint at {args.checkpoint}: evaluating an untrained tiny-32 (noise)")
-    eval_dir = os.path.join(args.out, "eval")
-    if os.path.exists(os.path.join(eval_dir, "results.md")):
-        print(f"[demo] evaluation: reusing {eval_dir}")
-    else:
-        evaluate_synthetic(SyntheticEvalConfig(checkpoint=checkpoint, out=eval_dir, num_subjects=args.eval_subjects,
-                                               seed=args.seed, chunk_size=max(1, args.eval_subjects // 2)))
-    with open(os.path.join(eval_dir, "results.md")) as f:
-        print(f.read())
-    print(f"[demo] artefacts under {args.out}: world/web (web pairs), world/truth, world/preview.png, "
-          f"eval/results.json, eval/results.md, eval/contact_sheet.png")
+    cfg = demo_config(args.preset, args.out)
+    print(report(cfg, run_demo(cfg)))
     return 0
 
 
@@ -244,12 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate(sub)
 
-    p = sub.add_parser("demo", help="run the pipeline on the embedded default and print the results")
-    p.add_argument("--out", default="runs/demo", help="artefact folder (default: runs/demo)")
-    p.add_argument("--pages", type=int, default=200, help="world size in pages")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model to evaluate (default: the committed one)")
-    p.add_argument("--eval-subjects", type=int, default=40, help="held-out subjects in the evaluation")
+    p = sub.add_parser("demo", help="run every stage on the embedded default and print the results")
+    p.add_argument("--preset", default="default", help="default (< 20 min on 2 cores) or smoke (< 5 min)")
+    p.add_argument("--out", default=None, help="artefact folder (default: runs/demo, runs/demo-smoke)")
     p.set_defaults(func=_demo)
     return parser
 

@@ -39,7 +39,7 @@ class TrainConfig:
     train_text_encoder: bool = field(default=True, metadata={"help": "train the text encoder (pixel presets)"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
     report_every: int = field(default=20, metadata={"help": "steps between metric reports"})
-    probe_every: int = field(default=100, metadata={"help": "steps between held-out demo-gain probes (suti)"})
+    probe_every: int = field(default=100, metadata={"help": "steps between held-out demo-gain probes (suti; 0: off)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
     max_failures: int = field(default=2, metadata={"help": "worker failures survived by resuming"})
     shuffle_buffer: int = field(default=2000, metadata={"help": "rows in the local shuffle buffer"})

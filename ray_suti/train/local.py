@@ -99,7 +99,7 @@ def train_local(cfg: TrainConfig, loader_workers: int = 4, command: str = "", ma
         if step % cfg.report_every == 0 or step == cfg.steps:
             line = {"step": step, "loss": round(float(np.mean(losses)), 4), "grad_norm": round(float(grad_norm), 3),
                     "samples_per_s": round(cfg.batch_size * (step - s0) / (time.time() - t0), 1)}
-            if probe is not None and (step % cfg.probe_every == 0 or step == cfg.steps):
+            if probe is not None and cfg.probe_every > 0 and (step % cfg.probe_every == 0 or step == cfg.steps):
                 line["demo_gain"] = round(demo_gain(model, probe, device), 4)
             print(json.dumps(line), flush=True)
             losses, t0, s0 = [], time.time(), step

@@ -215,7 +215,7 @@ def train_loop_per_worker(config: dict) -> None:
                    "samples_per_s": world * cfg.batch_size * (step - last_step) / max(elapsed, 1e-9),
                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "resumed_from": resumed_from,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        if probe is not None and (step % cfg.probe_every == 0 or step == cfg.steps):
+        if probe is not None and cfg.probe_every > 0 and (step % cfg.probe_every == 0 or step == cfg.steps):
             metrics["demo_gain"] = demo_gain(engine.module.model, probe, device)
         losses, last_time, last_step = [], time.time(), step
         if rank == 0:

@@ -193,6 +193,9 @@ def test_config_file_is_a_valid_serve_config_whose_import_path_builds():
     from ray.serve import Application
 
     assert isinstance(built, Application)
+    production = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.production.yaml").read_text()))
+    assert production.applications[0].import_path == app.import_path
+    assert production.applications[0].args["num_gpus"] == 1 and production.applications[0].args["max_replicas"] > 2
 
 
 def test_serve_command_starts_the_api_and_stops_on_ctrl_c(tmp_path, dreambench_dir):

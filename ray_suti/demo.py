@@ -1,0 +1,224 @@
+"""The main job: every stage on the embedded default, on one local Ray, as a newcomer's first command.
+
+    world -> build_dataset -> pretrain -> apprentice -> train -> evaluate -> serve
+
+Each stage is the same library call its `ray-suti <stage>` command makes, on small sizes: the
+committed tiny CLIP filters the crawl (``train-clip`` is skipped: it would cost an hour here), the
+base model is a short pretraining run from the committed checkpoint, DreamBooth experts write
+ICL-V2 targets for a few clusters, SuTI is fine-tuned on them with Ray Train + DeepSpeed, the
+result is evaluated on held-out synthetic subjects (and, when present, DreamBench photos), and the
+Serve app answers one real HTTP request with held-out demos. A stage whose output exists is reused,
+so a rerun after a crash starts where it stopped; ``demo.json`` records the settings and timings.
+
+    ray-suti demo                    # default preset: under 20 minutes on 2 cores
+    ray-suti demo --preset smoke     # every stage, tiny sizes: under 5 minutes
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED_MODEL = os.path.join(REPO, "checkpoints", "tiny-32.safetensors")
+COMMITTED_CLIP = os.path.join(REPO, "checkpoints", "tiny-clip.safetensors")
+DREAMBENCH_SAMPLE = os.path.join(os.path.dirname(REPO), "shared", "data", "dreambench-sample")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "runs/demo"
+    pages: int = 200  # world size
+    seed: int = 0
+    base_checkpoint: str = COMMITTED_MODEL  # start weights of pretraining and training
+    clip: str = COMMITTED_CLIP
+    pretrain_steps: int = 20
+    apprentice_clusters: int = 8
+    dreambooth_steps: int = 150
+    clip_i_threshold: float = 0.6  # the apprenticeship's filter; smoke keeps every 10-step expert's drawing
+    train_steps: int = 30
+    train_workers: int = 2
+    batch_size: int = 16
+    eval_subjects: int = 40
+    eval_steps: int = 25
+    dreambench: str = DREAMBENCH_SAMPLE  # skipped when the folder is absent
+    dreambench_prompts: int = 5
+    serve_steps: int = 25
+
+
+PRESETS = {
+    "default": DemoConfig(),
+    "smoke": DemoConfig(out="runs/demo-smoke", pages=24, pretrain_steps=2, apprentice_clusters=2, dreambooth_steps=10,
+                        clip_i_threshold=-1.0,
+                        train_steps=2, train_workers=1, batch_size=4, eval_subjects=4, eval_steps=5,
+                        dreambench_prompts=0, serve_steps=5),
+}
+
+
+class Stages:
+    """Runs named stages once: a stage whose ``done`` file exists is reported and skipped."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg, self.record_path = cfg, os.path.join(cfg.out, "demo.json")
+        settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
+        self.record = {"settings": settings, "seconds": {}}
+        if os.path.exists(self.record_path):
+            with open(self.record_path) as f:
+                old = json.load(f)
+            if old["settings"] != settings:
+                raise ValueError(f"{cfg.out} holds a demo run with other settings; pass another --out or delete it")
+            self.record = old
+        os.makedirs(cfg.out, exist_ok=True)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.cfg.out, *parts)
+
+    def run(self, name: str, done: str, fn) -> None:
+        if os.path.exists(done):
+            print(f"[demo] {name}: reusing {done}", flush=True)
+            return
+        print(f"[demo] {name} ...", flush=True)
+        start = time.time()
+        fn()
+        self.record["seconds"][name] = round(time.time() - start, 1)
+        with open(self.record_path, "w") as f:
+            json.dump(self.record, f, indent=2)
+        print(f"[demo] {name}: done in {self.record['seconds'][name]:.0f} s", flush=True)
+
+
+def _train_config(cfg: DemoConfig, stages: Stages, **kw):
+    from .train.config import TrainConfig
+
+    return TrainConfig(num_workers=cfg.train_workers, batch_size=cfg.batch_size, warmup_steps=1,
+                       checkpoint_every=max(1, kw["steps"]), report_every=max(1, kw["steps"] // 4),
+                       probe_every=0, storage_path=os.path.abspath(stages.path("train")), seed=cfg.seed, **kw)
+
+
+def serve_once(checkpoint: str, out_dir: str, steps: int, subject_seed: int) -> dict:
+    """Starts the Serve app on a free local port, registers a held-out subject's photos over HTTP,
+    saves the generated PNG next to the demos, shuts the app down; -> what was sent and received."""
+    import socket
+
+    import numpy as np
+    import requests
+    from PIL import Image
+    from ray import serve
+
+    from .serving.app import build_app
+    from .utils.images import encode_png
+    from .world import Subject, render
+    from .world.oracle import draw_case
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demos, target = draw_case(np.random.default_rng(subject_seed), 3)
+    word = Subject.from_seed(subject_seed).class_word
+    photos = [render(subject_seed, c, 32)[0] for c in demos]
+    prompt = target.prompt(word)
+    os.makedirs(out_dir, exist_ok=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(checkpoint, os.path.join(out_dir, "subjects"), max_replicas=1, num_cpus=0.5),
+                  name="demo", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        files = [("images", (f"{i}.png", encode_png(p), "image/png")) for i, p in enumerate(photos)]
+        subject = requests.post(f"{url}/v1/subjects", files=files, data=[("captions", c.prompt(word)) for c in demos],
+                                timeout=120)
+        subject.raise_for_status()
+        t0 = time.time()
+        image = requests.post(f"{url}/v1/generate", json={"prompt": prompt, "subject_id": subject.json()["subject_id"],
+                                                          "steps": steps, "seed": 0},
+                              headers={"Accept": "image/png"}, timeout=300)
+        image.raise_for_status()
+        seconds = time.time() - t0
+    finally:
+        serve.shutdown()
+    with open(os.path.join(out_dir, "generated.png"), "wb") as f:
+        f.write(image.content)
+    for i, p in enumerate(photos):
+        Image.fromarray(p).save(os.path.join(out_dir, f"demo_{i}.png"))
+    info = {"url": url, "prompt": prompt, "subject_seed": subject_seed, "request_seconds": round(seconds, 2),
+            "png_bytes": len(image.content)}
+    with open(os.path.join(out_dir, "request.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return info
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from .apprentice.job import ApprenticeConfig, run_apprentice
+    from .data.builder import BuildConfig, build_dataset
+    from .evaluate.dreambench import DreamBenchConfig, evaluate_dreambench
+    from .evaluate.synthetic import SyntheticEvalConfig, evaluate_synthetic
+    from .train.trainer import run_training
+    from .utils.ray_utils import init_ray
+    from .world import heldout_seeds
+    from .world.crawl import WorldConfig, generate_world
+
+    for path in (cfg.base_checkpoint, cfg.clip):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found (committed in checkpoints/; a clone without it is incomplete)")
+    stages = Stages(cfg)
+    p = stages.path
+    init_ray()
+    stages.run("world", p("world", "world.json"), lambda: generate_world(
+        WorldConfig(out=p("world"), pages=cfg.pages, seed=cfg.seed, image_size=32, preview_pages=6)))
+    stages.run("build_dataset", p("clusters", "stats.json"), lambda: build_dataset(
+        BuildConfig(input=p("world", "web"), output=p("clusters"), clip_pretrained=cfg.clip)))
+    base = p("models", "base.safetensors")
+    stages.run("pretrain", base, lambda: run_training(_train_config(
+        cfg, stages, mode="pretrain", data=p("world", "web"), init_from=cfg.base_checkpoint, name="pretrain",
+        steps=cfg.pretrain_steps, export_file=os.path.abspath(base)), command="ray-suti demo: pretrain"))
+    stages.run("apprentice", p("apprentice", "stats.json"), lambda: run_apprentice(ApprenticeConfig(
+        clusters=p("clusters", "clusters"), output=p("apprentice"), checkpoint=base, clip_pretrained=cfg.clip,
+        max_clusters=cfg.apprentice_clusters, dreambooth_steps=cfg.dreambooth_steps,
+        clip_i_threshold=cfg.clip_i_threshold, seed=cfg.seed)))
+    with open(p("apprentice", "stats.json")) as f:
+        if json.load(f)["kept"] == 0:
+            raise RuntimeError(f"the apprenticeship kept no example from {cfg.apprentice_clusters} clusters at CLIP-I "
+                               f">= {cfg.clip_i_threshold}: nothing to train on (more clusters or a lower threshold)")
+    model = p("models", "suti.safetensors")
+    stages.run("train", model, lambda: run_training(_train_config(
+        cfg, stages, mode="suti", data=p("apprentice", "examples"), init_from=base, name="suti",
+        steps=cfg.train_steps, export_file=os.path.abspath(model)), command="ray-suti demo: train"))
+    stages.run("evaluate synthetic", p("eval", "results.md"), lambda: evaluate_synthetic(SyntheticEvalConfig(
+        checkpoint=model, out=p("eval"), num_subjects=cfg.eval_subjects, steps=cfg.eval_steps, seed=cfg.seed,
+        chunk_size=max(1, cfg.eval_subjects // 2))))
+    use_dreambench = cfg.dreambench_prompts > 0 and os.path.isdir(cfg.dreambench)
+    if use_dreambench:
+        stages.run("evaluate dreambench", p("eval-dreambench", "results.md"), lambda: evaluate_dreambench(
+            DreamBenchConfig(checkpoint=model, data=cfg.dreambench, out=p("eval-dreambench"),
+                             num_prompts=cfg.dreambench_prompts, steps=cfg.eval_steps, clip_pretrained=cfg.clip,
+                             dreambooth_steps=cfg.dreambooth_steps, seed=cfg.seed)))
+    stages.run("serve", p("serve", "generated.png"), lambda: serve_once(
+        model, p("serve"), cfg.serve_steps, heldout_seeds(cfg.eval_subjects + 1)[-1]))
+    return {"out": cfg.out, "dreambench": use_dreambench, "seconds": stages.record["seconds"]}
+
+
+def report(cfg: DemoConfig, summary: dict) -> str:
+    """The results tables and where every artefact is."""
+    p = lambda *parts: os.path.join(cfg.out, *parts)  # noqa: E731
+    parts = [open(p("eval", "results.md")).read()]
+    if summary["dreambench"]:
+        parts.append(open(p("eval-dreambench", "results.md")).read().split("## Per subject")[0])
+    with open(p("serve", "request.json")) as f:
+        served = json.load(f)
+    parts.append(f"Served one request: \"{served['prompt']}\" -> {p('serve', 'generated.png')} "
+                 f"({served['request_seconds']} s; demos beside it).")
+    parts.append("\n".join([f"Artefacts under {cfg.out}/:",
+                            "  world/web, world/preview.png      synthetic crawl (web-pairs Parquet)",
+                            "  clusters/clusters, clusters.png   ICL clusters after the CLIP filter, stats.json",
+                            "  models/base.safetensors           pretrained text-to-image base",
+                            "  apprentice/examples               ICL-V2 examples written by DreamBooth experts",
+                            "  models/suti.safetensors           SuTI after training on them (Ray Train + DeepSpeed)",
+                            "  eval/, eval-dreambench/           results.json, results.md, contact sheets, plot",
+                            "  serve/generated.png               the HTTP answer; demo.json: settings, seconds"]))
+    return "\n\n".join(parts)
+
+
+def demo_config(preset: str, out: str | None = None) -> DemoConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    return replace(cfg, out=out) if out else cfg

@@ -90,7 +90,9 @@ class Stages:
 def _train_config(cfg: DemoConfig, stages: Stages, **kw):
     from .train.config import TrainConfig
 
-    return TrainConfig(num_workers=cfg.train_workers, batch_size=cfg.batch_size, warmup_steps=1,
+    # Half a CPU per worker: 2 workers on a 2-CPU machine would otherwise hold every CPU and starve
+    # the Ray Data read tasks that feed them (the run then waits forever). Threads stay 1 per worker.
+    return TrainConfig(num_workers=cfg.train_workers, cpus_per_worker=0.5, batch_size=cfg.batch_size, warmup_steps=1,
                        checkpoint_every=max(1, kw["steps"]), report_every=max(1, kw["steps"] // 4),
                        probe_every=0, storage_path=os.path.abspath(stages.path("train")), seed=cfg.seed, **kw)
 

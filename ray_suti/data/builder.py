@@ -12,6 +12,7 @@ Near-duplicates go first because near-identical demos and targets teach copy-pas
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..schemas import ICL_CLUSTER_SCHEMA
+from ..utils import storage
 from ..utils.images import inspect_image
 from .captions import clean_caption
 from .urls import normalize_page_url
@@ -232,22 +234,17 @@ def make_cluster(group: pd.DataFrame, cfg: BuildConfig) -> pa.Table:
     }], schema=ICL_CLUSTER_SCHEMA)
 
 
-def recaption(clusters_dir: str, cfg: BuildConfig) -> None:
-    """A second pass over the written clusters with the model captioner. Separate from the first, so
-    its actors never hold CPUs while the CLIP actors still need them (on a small cluster the two
-    pools together starved the reads and the job stalled)."""
-    import shutil
-
+def recaption(source: str, target: str, cfg: BuildConfig) -> None:
+    """A second pass over the written clusters with the model captioner, ``source`` -> ``target``.
+    Separate from the first, so its actors never hold CPUs while the CLIP actors still need them (on
+    a small cluster the two pools together starved the reads and the job stalled)."""
     import ray.data
 
-    tmp = clusters_dir.rstrip("/") + ".captioned"
-    ds = ray.data.read_parquet(clusters_dir)
+    ds = ray.data.read_parquet(source)
     ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={"spec": cfg.captioner, "use_gpu": cfg.num_gpus > 0},
                         batch_size=16, concurrency=cfg.caption_concurrency, num_gpus=cfg.num_gpus,
                         batch_format="pandas")
-    ds.write_parquet(tmp)
-    shutil.rmtree(clusters_dir)
-    os.replace(tmp, clusters_dir)
+    ds.write_parquet(target)
 
 
 def build_dataset(cfg: BuildConfig) -> dict:
@@ -265,26 +262,28 @@ def build_dataset(cfg: BuildConfig) -> dict:
                         batch_size=cfg.embed_batch_size, concurrency=cfg.embed_concurrency, num_gpus=cfg.num_gpus,
                         batch_format="pandas")
     ds = ds.groupby("page_key").map_groups(make_cluster, fn_kwargs={"cfg": cfg}, batch_format="pandas")
-    out = os.path.join(cfg.output, "clusters")
-    ds.write_parquet(out)
-    if cfg.captioner != "alt":  # make_cluster already cleaned the alt text
-        recaption(out, cfg)
+    out = storage.join(cfg.output, "clusters")  # a local folder or any pyarrow URI (s3://, gs://)
+    if cfg.captioner == "alt":  # make_cluster already cleaned the alt text
+        ds.write_parquet(out)
+    else:
+        uncaptioned = storage.join(cfg.output, "clusters.uncaptioned")
+        ds.write_parquet(uncaptioned)
+        recaption(uncaptioned, out, cfg)
+        storage.delete_dir(uncaptioned)
     stats = cluster_stats(out, skipped)
-    with open(os.path.join(cfg.output, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=2, sort_keys=True)
-    write_preview(out, os.path.join(cfg.output, "clusters.png"))
+    storage.write_bytes(storage.join(cfg.output, "stats.json"), json.dumps(stats, indent=2, sort_keys=True).encode())
+    write_preview(out, storage.join(cfg.output, "clusters.png"))
     return stats
 
 
 def write_preview(clusters_dir: str, path: str, per_kind: int = 6) -> None:
     """Kept and dropped example clusters, one row each, read shard by shard until enough are found."""
-    import glob
-
     from ..utils.images import contact_sheet
 
     rows, labels, counts = [], [], Counter()
-    for f in sorted(glob.glob(os.path.join(clusters_dir, "*.parquet"))):
-        for r in pq.read_table(f, columns=["kept", "drop_reason", "images", "mean_sim"]).to_pylist():
+    fs, files = storage.list_files(clusters_dir, ".parquet")
+    for f in files:
+        for r in pq.read_table(f, filesystem=fs, columns=["kept", "drop_reason", "images", "mean_sim"]).to_pylist():
             kind = "kept" if r["kept"] else r["drop_reason"]
             if counts["kept" if r["kept"] else "dropped"] >= per_kind or not r["images"]:
                 continue
@@ -294,13 +293,16 @@ def write_preview(clusters_dir: str, path: str, per_kind: int = 6) -> None:
         if min(counts["kept"], counts["dropped"]) >= per_kind:
             break
     if rows:
-        contact_sheet(rows, labels, cell=48).save(path)
+        buf = io.BytesIO()
+        contact_sheet(rows, labels, cell=48).save(buf, format="PNG")
+        storage.write_bytes(path, buf.getvalue())
 
 
 def cluster_stats(clusters_dir: str, skipped_shards: list[str]) -> dict:
     """Counts from the written clusters (small columns only)."""
-    t = pq.read_table(clusters_dir, columns=["kept", "drop_reason", "n_records", "n_images", "duplicates_removed",
-                                             "mean_sim", "record_reasons"]).to_pandas()
+    fs, path = storage.resolve(clusters_dir)
+    t = pq.read_table(path, filesystem=fs, columns=["kept", "drop_reason", "n_records", "n_images",
+                                                    "duplicates_removed", "mean_sim", "record_reasons"]).to_pandas()
     records = Counter()
     for r in t["record_reasons"]:
         records.update(json.loads(r))

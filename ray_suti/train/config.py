@@ -17,6 +17,7 @@ class TrainConfig:
     export_file: str = field(default="", metadata={"help": "also write the final EMA model as one .safetensors file"})
     num_workers: int = field(default=1, metadata={"help": "training workers"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, NCCL + bf16"})
+    placement_strategy: str = field(default="PACK", metadata={"help": "workers over nodes: PACK, SPREAD or STRICT_SPREAD (one per node)"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
     data_cpus: float = field(default=0.25, metadata={"help": "CPUs per Parquet read task (IO-bound; leaves cores to workers)"})
     threads: int = field(default=1, metadata={"help": "torch threads per worker"})
@@ -52,6 +53,9 @@ class TrainConfig:
             raise ValueError("zero_stage must be 0, 1, 2 or 3")
         if not 1 <= self.max_demos:
             raise ValueError("max_demos must be at least 1")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
+            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, "
+                             f"got {self.placement_strategy!r}")
 
     @property
     def base_lr(self) -> float:

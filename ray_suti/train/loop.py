@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .data import Collate
 
 TORCH_EXTENSIONS_DIR = os.path.expanduser("~/.cache/ray-suti/torch_extensions")
+SMALL_SHARD_ROWS = 4096  # a worker's shard this small is read once and replayed from memory
 
 
 def start_pipeline(cfg: TrainConfig):
@@ -139,6 +140,29 @@ def _gathered(params, stage: int):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def raw_batches(shard, cfg: TrainConfig, step: int):
+    """The worker's rows as numpy batches, epoch after epoch, shuffled locally. A shard of at most
+    ``SMALL_SHARD_ROWS`` rows is kept after its first epoch and replayed in a new order each time:
+    re-reading a few rows costs a Ray Data execution (seconds) per epoch."""
+    epoch, kept, rows = 0, [], 0
+    while True:
+        for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+                                      local_shuffle_buffer_size=cfg.shuffle_buffer,
+                                      local_shuffle_seed=cfg.seed + 1000 * epoch + step):
+            rows += len(next(iter(raw.values())))
+            if rows <= SMALL_SHARD_ROWS:
+                kept.append(raw)
+            yield raw
+        epoch += 1
+        if 0 < rows <= SMALL_SHARD_ROWS:
+            break
+        kept, rows = [], 0
+    rng = np.random.default_rng(cfg.seed + step)
+    while True:
+        for i in rng.permutation(len(kept)):
+            yield kept[i]
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig(**config)
     if not cfg.use_gpu:
@@ -180,13 +204,18 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     def batches():
-        epoch = 0
-        while True:
-            for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, drop_last=True,
-                                                  local_shuffle_buffer_size=cfg.shuffle_buffer,
-                                                  local_shuffle_seed=cfg.seed + 1000 * epoch + step):
-                yield batch
-            epoch += 1
+        """Collated batches of exactly ``batch_size`` rows, forever: the rows an epoch leaves over are
+        carried into the next, so a shard smaller than a batch still trains (with drop_last it
+        yielded nothing and the run never ended)."""
+        carry = None
+        for raw in raw_batches(shard, cfg, step):
+            batch = collate(raw)
+            if carry is not None:
+                batch = {k: torch.cat([carry[k], v]) for k, v in batch.items()}
+            while batch["target"].shape[0] >= cfg.batch_size:
+                yield {k: v[:cfg.batch_size] for k, v in batch.items()}
+                batch = {k: v[cfg.batch_size:] for k, v in batch.items()}
+            carry = batch
 
     losses, last_time, last_step, last_batch = [], time.time(), step, None
     dtype = torch.bfloat16 if cfg.use_gpu else torch.float32

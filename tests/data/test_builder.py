@@ -117,8 +117,10 @@ def test_webdataset_tars_build_the_same_clusters_as_parquet(built, tmp_path):
     cfg, stats, clusters, _ = built
     (tmp_path / "tars").mkdir()
     _to_webdataset(Path(cfg.input), tmp_path / "tars" / "00000.tar")
-    tar_cfg = BuildConfig(input=str(tmp_path / "tars"), output=str(tmp_path / "out"))
+    tar_cfg = BuildConfig(input=str(tmp_path / "tars"), output=f"file://{tmp_path}/out")  # output as a URI
     tar_stats = build_dataset(tar_cfg)
+    assert json.loads((tmp_path / "out" / "stats.json").read_text()) == json.loads(json.dumps(tar_stats))
+    assert (tmp_path / "out" / "clusters.png").stat().st_size > 0
     by_id = lambda t: {r["cluster_id"]: (r["kept"], r["drop_reason"], sorted(r["keys"])) for r in t.to_pylist()}  # noqa: E731
     assert by_id(pq.read_table(tmp_path / "out" / "clusters")) == by_id(clusters)
     assert tar_stats["records_in"] == stats["records_in"] and tar_stats["records_skipped"] == stats["records_skipped"]
@@ -147,8 +149,9 @@ def test_model_captioner_rewrites_kept_captions(built, tmp_path):
 
     cfg, _, clusters, _ = built
     words = save_tiny_captioner(tmp_path / "git")
-    cap_cfg = BuildConfig(input=cfg.input, output=str(tmp_path / "out"), captioner=str(tmp_path / "git"))
+    cap_cfg = BuildConfig(input=cfg.input, output=f"file://{tmp_path}/out", captioner=str(tmp_path / "git"))
     build_dataset(cap_cfg)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clusters", "clusters.png", "stats.json"]
     alt = {r["cluster_id"]: r for r in clusters.to_pylist()}
     rows = pq.read_table(tmp_path / "out" / "clusters").to_pylist()
     kept = [r for r in rows if r["kept"]]

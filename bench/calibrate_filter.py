@@ -27,7 +27,7 @@ def embedded_records(web_dir: str, clip_path: str) -> pd.DataFrame:
     records = validate_records(pq.read_table(web_dir).to_pandas(), min_side=BuildConfig.min_side)
     clip, size = load_clip("tiny", clip_path)
     valid = records["reason"] == ""
-    feats = np.concatenate([embed_images(clip, [inspect_image(x)[0] for x in chunk], size)
+    feats = np.concatenate([embed_images(clip, [inspect_image(x)[0] for x in chunk], size, shifts=BuildConfig.embed_shifts)
                             for chunk in np.array_split(records.loc[valid, "image"].to_numpy(), 64)])
     embeddings = [[] for _ in range(len(records))]
     for i, f in zip(np.flatnonzero(valid.to_numpy()), feats):
@@ -49,7 +49,7 @@ def main() -> None:
         truth = pq.read_table(os.path.join(world.out, "truth")).to_pylist()
     pages = [g for _, g in records[records["page_key"] != ""].groupby("page_key")]
     table = []
-    for dup in (0.85, 0.88, 0.9, 0.92, 0.94, 0.96):
+    for dup in (0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98):
         for coh in np.round(np.arange(0.2, 0.81, 0.025), 3):
             cfg = BuildConfig(duplicate_threshold=dup, coherence_threshold=float(coh))
             rows = [make_cluster(g, cfg).to_pylist()[0] for g in pages]

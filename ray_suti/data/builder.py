@@ -43,10 +43,11 @@ class BuildConfig:
     clip_model: str = field(default="tiny", metadata={"help": "tiny (embedded default) or an open_clip model name"})
     clip_pretrained: str = field(default="", metadata={"help": "tiny: safetensors from train-clip; else a tag or path"})
     embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
+    embed_shifts: int = field(default=3, metadata={"help": "average each embedding over an N x N grid of 1-px rolls (1: off); N*N forward passes"})
     embed_concurrency: int = field(default=1, metadata={"help": "embedding actors"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per embedding actor"})
-    coherence_threshold: float = field(default=0.425, metadata={"help": "drop clusters whose mean pairwise cosine is below"})
-    duplicate_threshold: float = field(default=0.88, metadata={"help": "images closer than this to a kept one are dropped"})
+    coherence_threshold: float = field(default=0.30, metadata={"help": "drop clusters whose mean pairwise cosine is below"})
+    duplicate_threshold: float = field(default=0.96, metadata={"help": "images closer than this to a kept one are dropped"})
     captioner: str = field(default="alt", metadata={"help": "alt (clean the alt text) or a local transformers image-to-text model folder"})
     caption_concurrency: int = field(default=1, metadata={"help": "captioning actors (model captioner)"})
     tolerate_bad_shards: bool = field(default=False, metadata={"help": "skip unreadable shards with a warning"})
@@ -162,7 +163,7 @@ def validate_records(batch: pd.DataFrame, min_side: int) -> pd.DataFrame:
 class ClipEmbedder:
     """Actor: adds a unit-length CLIP ``embedding`` to valid records (empty list for the rest)."""
 
-    def __init__(self, model: str, pretrained: str, use_gpu: bool):
+    def __init__(self, model: str, pretrained: str, use_gpu: bool, shifts: int = 1):
         import torch
 
         from .clip import load_clip
@@ -170,13 +171,14 @@ class ClipEmbedder:
         torch.set_num_threads(1)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.clip, self.size = load_clip(model, pretrained, self.device)
+        self.shifts = shifts
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from .clip import embed_images
 
         valid = [i for i, r in enumerate(batch["reason"]) if not r]
         images = [inspect_image(batch["image"].iloc[i])[0] for i in valid]
-        feats = embed_images(self.clip, images, self.size, self.device)
+        feats = embed_images(self.clip, images, self.size, self.device, self.shifts)
         out = [[] for _ in range(len(batch))]
         for i, f in zip(valid, feats):
             out[i] = f.astype(np.float32).tolist()
@@ -258,7 +260,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
     ds = read_web_pairs(files, fs, num_cpus=0.25)  # IO-bound; whole cores go to the actor pools
     ds = ds.map_batches(validate_records, fn_kwargs={"min_side": cfg.min_side}, batch_format="pandas")
     ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
-                                                            "use_gpu": cfg.num_gpus > 0},
+                                                            "use_gpu": cfg.num_gpus > 0, "shifts": cfg.embed_shifts},
                         batch_size=cfg.embed_batch_size, concurrency=cfg.embed_concurrency, num_gpus=cfg.num_gpus,
                         batch_format="pandas")
     ds = ds.groupby("page_key").map_groups(make_cluster, fn_kwargs={"cfg": cfg}, batch_format="pandas")

@@ -47,12 +47,19 @@ def preprocess(images, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_images(clip, images, size: int, device: str = "cpu") -> np.ndarray:
-    """-> (N, D) float32, unit length."""
+def embed_images(clip, images, size: int, device: str = "cpu", shifts: int = 1) -> np.ndarray:
+    """-> (N, D) float32, unit length. ``shifts`` > 1 averages the unit embeddings of the image rolled
+    by every (dy, dx) in a ``shifts`` x ``shifts`` grid of 1-px offsets (centred: 3 -> -1, 0, 1), then
+    renormalises: the tiny CLIP's 4-px patches make it sensitive to a 1-px shift (a re-upload's cosine
+    to its original was ~0.93 at the median, 0.77 at the 5th percentile; with 3 x 3 shifts 0.99 / 0.98),
+    at ``shifts**2`` forward passes."""
     if not images:
         return np.zeros((0, 0), np.float32)
-    feats = clip.encode_image(preprocess(images, size).to(device))
-    return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+    x = preprocess(images, size).to(device)
+    offsets = [o - (shifts - 1) // 2 for o in range(shifts)]
+    feats = sum(torch.nn.functional.normalize(clip.encode_image(torch.roll(x, (dy, dx), (2, 3))).float(), dim=-1)
+                for dy in offsets for dx in offsets)
+    return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
 
 
 @torch.no_grad()

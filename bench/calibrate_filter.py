@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ray_suti.data.builder import BuildConfig, make_cluster, validate_records
-from ray_suti.data.clip import embed_images, load_clip
+from ray_suti.data.clip import default_shifts, embed_images, load_clip
 from ray_suti.data.quality import margin, score_filter
 from ray_suti.utils.images import inspect_image
 from ray_suti.world.crawl import WorldConfig, generate_world
@@ -27,7 +27,7 @@ def embedded_records(web_dir: str, clip_path: str) -> pd.DataFrame:
     records = validate_records(pq.read_table(web_dir).to_pandas(), min_side=BuildConfig.min_side)
     clip, size = load_clip("tiny", clip_path)
     valid = records["reason"] == ""
-    feats = np.concatenate([embed_images(clip, [inspect_image(x)[0] for x in chunk], size, shifts=BuildConfig.embed_shifts)
+    feats = np.concatenate([embed_images(clip, [inspect_image(x)[0] for x in chunk], size, shifts=default_shifts("tiny"))
                             for chunk in np.array_split(records.loc[valid, "image"].to_numpy(), 64)])
     embeddings = [[] for _ in range(len(records))]
     for i, f in zip(np.flatnonzero(valid.to_numpy()), feats):

@@ -20,7 +20,6 @@ def saved_bytes(checkpointing: bool, B=2, K=3):
             feats = unet.encode_demos(torch.randn(B, K, 4, 64, 64, dtype=torch.bfloat16),
                                       torch.randn(B, K, 77, 768, dtype=torch.bfloat16))
         seen, total = set(), 0
-        params = {id(p) for p in unet.parameters()}
         attn = 0
         def pack(t):
             nonlocal total, attn
@@ -34,7 +33,7 @@ def saved_bytes(checkpointing: bool, B=2, K=3):
                 attn += n
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = unet(x, torch.tensor([500] * B), txt, feats)
+            unet(x, torch.tensor([500] * B), txt, feats)
         return total / B, attn / B
 
 for ck in (False, True):

@@ -152,7 +152,7 @@ class ExpertWorker:
         return {k: v for k, v in status.items() if k != "candidates"}
 
     def _apprentice(self, cluster_id: str, name: str, photos: list, captions: list[str], status: dict) -> None:
-        from ..data.clip import embed_images, embed_texts
+        from ..data.clip import default_shifts, embed_images, embed_texts
         from .dreambooth import dreambooth_expert
 
         cfg, seed = self.cfg, cluster_seed(self.cfg, cluster_id)
@@ -168,8 +168,9 @@ class ExpertWorker:
         images = [np.round(d * 255).astype(np.uint8) for d in drawn]
         from PIL import Image
 
-        real = embed_images(self.clip, photos, self.clip_size, self.device)
-        fake = embed_images(self.clip, [Image.fromarray(i) for i in images], self.clip_size, self.device)
+        shifts = default_shifts(cfg.clip_model)  # as the builder embeds
+        real = embed_images(self.clip, photos, self.clip_size, self.device, shifts)
+        fake = embed_images(self.clip, [Image.fromarray(i) for i in images], self.clip_size, self.device, shifts)
         texts = embed_texts(self.clip, [p.text for p in prompts], self.cfg.clip_model, self.device)
         clip_i = (fake @ real.T).mean(1)
         clip_t = (fake * np.repeat(texts, cfg.candidates_per_prompt, 0)).sum(1)

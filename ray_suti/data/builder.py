@@ -27,6 +27,7 @@ from ..schemas import ICL_CLUSTER_SCHEMA
 from ..utils import storage
 from ..utils.images import inspect_image
 from .captions import clean_caption
+from .clip import default_shifts
 from .urls import normalize_page_url
 
 WEB_COLUMNS = {"key": pa.string(), "page_url": pa.string(), "caption": pa.string(), "image": pa.binary()}
@@ -43,7 +44,7 @@ class BuildConfig:
     clip_model: str = field(default="tiny", metadata={"help": "tiny (embedded default) or an open_clip model name"})
     clip_pretrained: str = field(default="", metadata={"help": "tiny: safetensors from train-clip; else a tag or path"})
     embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})
-    embed_shifts: int = field(default=3, metadata={"help": "average each embedding over an N x N grid of 1-px rolls (1: off); N*N forward passes"})
+    embed_shifts: int = field(default=0, metadata={"help": "average each embedding over an N x N grid of 1-px rolls, N*N forward passes (0: 3 for tiny, 1 = off for real CLIPs)"})
     embed_concurrency: int = field(default=1, metadata={"help": "embedding actors"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per embedding actor"})
     coherence_threshold: float = field(default=0.30, metadata={"help": "drop clusters whose mean pairwise cosine is below"})
@@ -260,7 +261,8 @@ def build_dataset(cfg: BuildConfig) -> dict:
     ds = read_web_pairs(files, fs, num_cpus=0.25)  # IO-bound; whole cores go to the actor pools
     ds = ds.map_batches(validate_records, fn_kwargs={"min_side": cfg.min_side}, batch_format="pandas")
     ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
-                                                            "use_gpu": cfg.num_gpus > 0, "shifts": cfg.embed_shifts},
+                                                            "use_gpu": cfg.num_gpus > 0,
+                                                            "shifts": cfg.embed_shifts or default_shifts(cfg.clip_model)},
                         batch_size=cfg.embed_batch_size, concurrency=cfg.embed_concurrency, num_gpus=cfg.num_gpus,
                         batch_format="pandas")
     ds = ds.groupby("page_key").map_groups(make_cluster, fn_kwargs={"cfg": cfg}, batch_format="pandas")

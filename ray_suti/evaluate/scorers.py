@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.clip import embed_images, embed_texts, load_clip
+from ..data.clip import default_shifts, embed_images, embed_texts, load_clip
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -75,17 +75,18 @@ class Scorers:
     def __init__(self, cfg: ScorerConfig, device: str = "cpu"):
         self.cfg, self.device = cfg, device
         self.clip, self.clip_size = load_clip(cfg.clip_model, cfg.clip_pretrained, device)
+        self.shifts = default_shifts(cfg.clip_model)  # the same embedding as the dataset builder's
         self.dino, self.dino_size = load_dino(cfg.dino_model, cfg.dino_pretrained, device)
 
     def references(self, photos) -> dict:
         """Embeddings of the subject's real photos, computed once per subject."""
-        return {"clip": embed_images(self.clip, photos, self.clip_size, self.device),
+        return {"clip": embed_images(self.clip, photos, self.clip_size, self.device, self.shifts),
                 "dino": embed_dino(self.dino, photos, self.dino_size, self.device)}
 
     def score(self, images, prompts: list[str], refs: dict, exclude: list[int | None] | None = None) -> dict:
         """images[i] was drawn for prompts[i]. ``exclude[i]`` is the reference photo an output *is*
         (copy-a-demo), left out of its own comparison as DreamBench's real-image row does."""
-        clip_i = embed_images(self.clip, images, self.clip_size, self.device)
+        clip_i = embed_images(self.clip, images, self.clip_size, self.device, self.shifts)
         dino = embed_dino(self.dino, images, self.dino_size, self.device)
         texts = embed_texts(self.clip, prompts, self.cfg.clip_model, self.device)
         keep = np.ones((len(images), len(refs["clip"])), bool)

@@ -45,8 +45,12 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..utils.ray_utils import init_ray
-    from .loop import train_loop_per_worker
+    from .loop import continued_step, train_loop_per_worker
 
+    start = continued_step(cfg)
+    if start >= cfg.steps and not cfg.resume_from:
+        raise ValueError(f"--steps {cfg.steps} ends before the start: {cfg.init_from} carries step {start} on "
+                         f"(steps count from it; e.g. --steps {start + cfg.steps})")
     init_ray()
     cfg = with_absolute_paths(cfg)
     dataset = ray.data.read_parquet(cfg.data, columns=columns(cfg.mode), num_cpus=cfg.data_cpus)

@@ -28,7 +28,7 @@ def test_smoke_demo_runs_every_stage_and_a_rerun_reuses_them(tmp_path):
     record = json.loads((out / "demo.json").read_text())
     assert list(record["seconds"]) == STAGES  # in pipeline order, each really ran
     assert "| suti |" in first.stdout and "Served one request" in first.stdout
-    assert (out / "world" / "world.json").exists() and (out / "clusters" / "stats.json").exists()
+    assert (out / "world" / "preview.png").exists() and (out / "clusters" / "stats.json").exists()
     assert any((out / "apprentice" / "examples").glob("*.parquet"))
     for model in ("base", "suti"):
         assert (out / "models" / f"{model}.safetensors").stat().st_size > 1_000_000

@@ -1,7 +1,5 @@
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,16 +155,3 @@ def test_bad_context_values_are_rejected():
         Context(scene="moon")
     with pytest.raises(ValueError, match="unknown colour"):
         Context(colour="teal")
-
-
-@pytest.mark.slow
-def test_readme_demo_command_runs(tmp_path):
-    out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "ray_suti.cli", "demo", "--out", str(out), "--pages", "30",
-                           "--eval-subjects", "4"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "world" / "preview.png").exists() and (out / "eval" / "contact_sheet.png").exists()
-    assert "[demo] world: 30 pages" in proc.stdout and "| suti |" in proc.stdout
-    again = subprocess.run([sys.executable, "-m", "ray_suti.cli", "demo", "--out", str(out), "--pages", "30",
-                            "--eval-subjects", "4"], capture_output=True, text=True, timeout=600)
-    assert "world: reusing" in again.stdout and "evaluation: reusing" in again.stdout

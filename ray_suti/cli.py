@@ -55,22 +55,28 @@ def _apprentice(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import time
+    import signal
+    import threading
 
     from ray import serve
 
     from .serving.app import build_app
     from .utils.ray_utils import init_ray
 
+    # Ctrl-C and SIGTERM (Kubernetes, systemd) both shut Serve down cleanly, even when they arrive
+    # while the app is still deploying: the handler only sets a flag the main thread acts on.
+    stop = threading.Event()
     init_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(checkpoint=args.checkpoint, store=args.store, max_replicas=args.max_replicas,
-                        num_gpus=args.num_gpus), route_prefix="/")
-    print(f"serving {args.checkpoint} at http://127.0.0.1:{args.port}  (API docs: /docs; Ctrl-C stops)", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        serve.run(build_app(checkpoint=args.checkpoint, store=args.store, max_replicas=args.max_replicas,
+                            num_gpus=args.num_gpus), route_prefix="/")
+        print(f"serving {args.checkpoint} at http://127.0.0.1:{args.port}  (API docs: /docs; Ctrl-C stops)",
+              flush=True)
+        stop.wait()
+    finally:
         serve.shutdown()
     return 0
 

@@ -13,6 +13,12 @@ ICL_V2_SCHEMA = pa.schema([
     ("clip_i", pa.float32()),  # filter scores; null where no filter ran (the oracle)
     ("clip_t", pa.float32()),
     ("expert", pa.string()),  # who drew the target: an expert id, or "oracle-renderer"
+    # Spatial controls of the target (model/controls.py), null where unknown: the subject's box
+    # (x0, y0, x1, y1), its keypoints (top x, y, right-hand side x, y), both as fractions of the
+    # image, and its outline (PNG, white lines on black).
+    ("target_box", pa.list_(pa.float32())),
+    ("target_keypoints", pa.list_(pa.float32())),
+    ("target_edges", pa.binary()),
 ])
 
 # Stage 1 -> 3: one row per page group. Dropped groups stay (with their reason) for auditing;

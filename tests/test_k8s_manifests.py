@@ -149,7 +149,10 @@ def test_entrypoint_flags_parse_with_the_real_cli():
         if doc["kind"] != "RayJob":
             continue
         stage, args = entry_args(doc["spec"]["entrypoint"])
-        parser.parse_args(commands[stage] + args)  # SystemExit on an unknown flag or bad value
+        parsed = vars(parser.parse_args(commands[stage] + args))  # SystemExit on an unknown flag or bad value
+        # S3 only, no shared volume: every path a stage is given is a URI
+        paths = {k: v for k, v in parsed.items() if isinstance(v, str) and "/" in v}
+        assert paths and all(v.startswith("s3://") for v in paths.values()), (fname, paths)
 
 
 def test_train_uses_zero3_across_nodes_on_every_gpu():
@@ -179,7 +182,9 @@ def test_rayservice_mirrors_serve_config():
     assert set(local["args"]) <= set(app["args"])
     assert app["args"]["num_gpus"] >= 1
     assert app["args"]["min_replicas"] <= app["args"]["max_replicas"]
-    assert app["args"]["store"].startswith("/mnt/shared")  # replicas on many nodes share one store
+    assert app["args"]["store"].startswith("s3://")  # replicas on many nodes share one store
+    assert app["args"]["checkpoint"].startswith("s3://")
+    assert not any("volumes" in g["template"]["spec"] for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"])
     groups = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert sum(g["maxReplicas"] for g in groups if "gpu" in g["groupName"]) >= app["args"]["max_replicas"]
     assert "working_dir" in app["runtime_env"]  # serve/ is not in the wheel

@@ -9,13 +9,13 @@ CLIP keeps the good drawings, and (real demos -> expert target) pairs become ICL
 
 A cluster is finished when its status file exists: a rerun skips it, a killed actor is restarted
 and its call retried, and no file is ever half-written, so an interrupted run plus a rerun equals a
-clean run. Seeds come from the cluster id, so results do not depend on scheduling.
+clean run. Seeds come from the cluster id, so results do not depend on scheduling. --clusters and
+--output may be local paths or URIs (s3://...): every read and write goes through utils.storage.
 
     ray job submit -- python jobs/apprentice.py --clusters runs/clusters/clusters --output runs/apprentice
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..schemas import ICL_V2_SCHEMA
+from ..utils import storage
 from ..utils.images import encode_png, inspect_image
 from .dreambooth import DreamBoothConfig
 
@@ -41,7 +42,7 @@ class ApprenticeConfig:
     clusters: str = field(default="runs/clusters/clusters", metadata={"help": "ICL-cluster Parquet (build-dataset output)"})
     output: str = field(default="runs/apprentice", metadata={"help": "output folder: examples/, status/, stats.json"})
     checkpoint: str = field(default="checkpoints/tiny-32.safetensors", metadata={"help": "base model (demos unused)"})
-    prompt_writer: str = field(default="world", metadata={"help": "world, templates, or a local causal-LM folder"})
+    prompt_writer: str = field(default="world", metadata={"help": "world, templates, or a causal-LM folder (path or URI)"})
     prompts_per_cluster: int = field(default=4, metadata={"help": "new prompts per cluster"})
     candidates_per_prompt: int = field(default=2, metadata={"help": "expert drawings per prompt"})
     max_demos: int = field(default=3, metadata={"help": "cluster photos stored as demos per example"})
@@ -90,20 +91,19 @@ def infer_class_word(captions: list[str], ignore: frozenset = frozenset()) -> st
     return counts.most_common(1)[0][0] if counts else "object"
 
 
-def _atomic_write(path: str, write) -> None:
-    # A hidden temporary name: Parquet readers (pyarrow, Ray Data) skip dot-files, so a write cut
-    # short by a kill is never read as rows; the next run removes it.
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def remove_stale_temporaries(output: str) -> int:
-    stale = glob.glob(os.path.join(output, "*", ".*.tmp*"))
+    """Temporaries of local writes cut short by a kill (object stores leave none)."""
+    fs, files = storage.list_files(output, "")
+    stale = [f for f in files if re.fullmatch(r"\..+\.tmp\d+", f.rsplit("/", 1)[-1])]
     for path in stale:
-        os.remove(path)
+        fs.delete_file(path)
     return len(stale)
+
+
+def _parquet_bytes(rows: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=ICL_V2_SCHEMA), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 class ExpertWorker:
@@ -142,13 +142,7 @@ class ExpertWorker:
         else:
             self._apprentice(cluster["cluster_id"], name, photos, captions, status)
         status["seconds"] = round(time.time() - t0, 2)
-        os.makedirs(os.path.join(cfg.output, "status"), exist_ok=True)
-
-        def write_status(path):
-            with open(path, "w") as f:
-                json.dump(status, f, sort_keys=True)
-
-        _atomic_write(os.path.join(cfg.output, "status", f"{name}.json"), write_status)
+        storage.write_bytes(storage.join(cfg.output, "status", f"{name}.json"), json.dumps(status, sort_keys=True).encode())
         return {k: v for k, v in status.items() if k != "candidates"}
 
     def _apprentice(self, cluster_id: str, name: str, photos: list, captions: list[str], status: dict) -> None:
@@ -190,22 +184,24 @@ class ExpertWorker:
                                          "clip_t": round(float(clip_t[j]), 5), "kept": bool(keep[j])})
         for kept, folder in ((True, "examples"), (False, "rejected")):
             if rows[kept] and (kept or cfg.keep_rejected):
-                os.makedirs(os.path.join(cfg.output, folder), exist_ok=True)
-                table = pa.Table.from_pylist(rows[kept], schema=ICL_V2_SCHEMA)
-                _atomic_write(os.path.join(cfg.output, folder, f"{name}.parquet"),
-                              lambda path, t=table: pq.write_table(t, path, compression="zstd"))
+                storage.write_bytes(storage.join(cfg.output, folder, f"{name}.parquet"), _parquet_bytes(rows[kept]))
         status.update(status="done", class_word=class_word)
 
 
 def iter_clusters(path: str, max_clusters: int = 0):
     """Kept cluster rows, streamed a record batch at a time (never the whole folder in memory)."""
-    files = sorted(glob.glob(os.path.join(path, "*.parquet"))) if os.path.isdir(path) else [path]
-    if not files or not all(os.path.isfile(f) for f in files):
+    if storage.is_dir(path):
+        fs, files = storage.list_files(path, ".parquet")
+        files = [f for f in files if not f.rsplit("/", 1)[-1].startswith(".")]
+    else:
+        fs, one = storage.resolve(path)
+        files = [one] if storage.is_file(path) else []
+    if not files:
         raise FileNotFoundError(f"no ICL-cluster Parquet files in {path}")
     n = 0
     for f in files:
         try:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(fs.open_input_file(f))
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
             raise ValueError(f"{f}: not a readable Parquet file ({e})") from e
         missing = {"cluster_id", "images", "captions"} - set(pf.schema_arrow.names)
@@ -223,14 +219,13 @@ def iter_clusters(path: str, max_clusters: int = 0):
 
 def check_inputs(cfg: ApprenticeConfig) -> None:
     """Fails in the driver, naming the path: an actor whose constructor fails would be restarted forever."""
-    from ..model.presets import PRESETS
+    from ..model.pipeline import resolve_checkpoint
 
-    if cfg.checkpoint not in PRESETS and not os.path.exists(cfg.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {cfg.checkpoint!r} is neither a preset nor a saved model")
-    if cfg.clip_model == "tiny" and cfg.clip_pretrained and not os.path.isfile(cfg.clip_pretrained):
+    resolve_checkpoint(cfg.checkpoint)
+    if cfg.clip_model == "tiny" and cfg.clip_pretrained and not storage.is_file(cfg.clip_pretrained):
         raise FileNotFoundError(f"--clip-pretrained {cfg.clip_pretrained!r} not found (train one: ray-suti train-clip)")
-    if cfg.prompt_writer not in ("world", "templates") and not os.path.isdir(cfg.prompt_writer):
-        raise ValueError(f"--prompt-writer must be world, templates or a local model folder, got {cfg.prompt_writer!r}")
+    if cfg.prompt_writer not in ("world", "templates") and not storage.is_dir(cfg.prompt_writer):
+        raise ValueError(f"--prompt-writer must be world, templates or a model folder (path or URI), got {cfg.prompt_writer!r}")
 
 
 def run_apprentice(cfg: ApprenticeConfig, progress: bool = True) -> dict:
@@ -242,10 +237,8 @@ def run_apprentice(cfg: ApprenticeConfig, progress: bool = True) -> dict:
     check_inputs(cfg)
     next(iter_clusters(cfg.clusters), None)  # a bad first file fails here, before any actor starts
     init_ray()
-    status_dir = os.path.join(cfg.output, "status")
-    os.makedirs(status_dir, exist_ok=True)
     remove_stale_temporaries(cfg.output)  # left by a run killed mid-write
-    done = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(status_dir, "*.json"))}
+    done = {p.rsplit("/", 1)[-1][:-5] for p in storage.list_files(storage.join(cfg.output, "status"), ".json")[1]}
     actor = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus, max_restarts=-1, max_task_retries=3)(ExpertWorker)
     workers = [actor.remote(cfg) for _ in range(cfg.concurrency)]
     pending, idle, skipped_done = {}, list(workers), 0
@@ -276,13 +269,16 @@ def run_apprentice(cfg: ApprenticeConfig, progress: bool = True) -> dict:
     bar.close()
     stats = summarize(cfg.output)
     stats.update(clusters_already_done=skipped_done, clusters_failed=len(failed), failures=failed[:20])
-    with open(os.path.join(cfg.output, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=2, sort_keys=True)
+    storage.write_bytes(storage.join(cfg.output, "stats.json"), json.dumps(stats, indent=2, sort_keys=True).encode())
     return stats
 
 
 def summarize(output: str) -> dict:
-    statuses = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(output, "status", "*.json")))]
+    fs, files = storage.list_files(storage.join(output, "status"), ".json")
+    statuses = []
+    for path in files:
+        with fs.open_input_stream(path) as f:
+            statuses.append(json.loads(f.read()))
     done = [s for s in statuses if s["status"] == "done"]
     cands = [c for s in done for c in s["candidates"]]
     per_skill = {}

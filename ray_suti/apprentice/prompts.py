@@ -141,7 +141,9 @@ def make_prompt_writer(spec: str):
         return WorldPromptWriter()
     if spec == "templates":
         return TemplatePromptWriter()
-    return LLMPromptWriter(spec)
+    from ..utils.storage import local_copy
+
+    return LLMPromptWriter(local_copy(spec))  # a model folder, local or a URI
 
 
 def target_context(prompt: Prompt) -> Context | None:

@@ -49,7 +49,7 @@ class BuildConfig:
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per embedding actor"})
     coherence_threshold: float = field(default=0.30, metadata={"help": "drop clusters whose mean pairwise cosine is below"})
     duplicate_threshold: float = field(default=0.96, metadata={"help": "images closer than this to a kept one are dropped"})
-    captioner: str = field(default="alt", metadata={"help": "alt (clean the alt text) or a local transformers image-to-text model folder"})
+    captioner: str = field(default="alt", metadata={"help": "alt (clean the alt text) or a transformers image-to-text model folder (path or URI)"})
     caption_concurrency: int = field(default=1, metadata={"help": "captioning actors (model captioner)"})
     tolerate_bad_shards: bool = field(default=False, metadata={"help": "skip unreadable shards with a warning"})
 
@@ -255,8 +255,8 @@ def build_dataset(cfg: BuildConfig) -> dict:
     from ..utils.ray_utils import init_ray
 
     files, fs, skipped = check_shards(cfg.input, cfg.tolerate_bad_shards)
-    if cfg.captioner != "alt" and not os.path.isdir(cfg.captioner):
-        raise ValueError(f"--captioner must be 'alt' or a local transformers model folder, got {cfg.captioner!r}")
+    if cfg.captioner != "alt" and not storage.is_dir(cfg.captioner):
+        raise ValueError(f"--captioner must be 'alt' or a transformers model folder (path or URI), got {cfg.captioner!r}")
     init_ray()
     ds = read_web_pairs(files, fs, num_cpus=0.25)  # IO-bound; whole cores go to the actor pools
     ds = ds.map_batches(validate_records, fn_kwargs={"min_side": cfg.min_side}, batch_format="pandas")

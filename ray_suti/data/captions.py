@@ -55,11 +55,11 @@ class ModelCaptioner:
 
 
 def make_captioner(spec: str, device: str = "cpu"):
-    """``alt`` -> AltTextCaptioner; a local model folder -> ModelCaptioner."""
-    import os
+    """``alt`` -> AltTextCaptioner; a transformers model folder (local or a URI) -> ModelCaptioner."""
+    from ..utils import storage
 
     if spec in ("", "alt"):
         return AltTextCaptioner()
-    if not os.path.isdir(spec):
-        raise ValueError(f"captioner must be 'alt' or a local transformers model folder; {spec!r} is neither")
-    return ModelCaptioner(spec, device=device)
+    if not storage.is_dir(spec):
+        raise ValueError(f"captioner must be 'alt' or a transformers model folder; {spec!r} is neither")
+    return ModelCaptioner(storage.local_copy(spec), device=device)

@@ -26,8 +26,13 @@ def default_shifts(model: str) -> int:
 
 
 def load_clip(model: str = "tiny", pretrained: str = "", device: str = "cpu"):
-    """-> (open_clip model in eval mode, input image size)."""
+    """-> (open_clip model in eval mode, input image size). ``pretrained``: a local path, a URI
+    (fetched once into a local cache) or, for named models, an open_clip tag."""
     import open_clip
+
+    from ..utils.storage import is_uri, local_copy
+
+    pretrained = local_copy(pretrained) if is_uri(pretrained) else pretrained
 
     if model == "tiny":
         with torch.random.fork_rng():  # untrained weights are still the same on every actor and run

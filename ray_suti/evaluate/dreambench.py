@@ -100,23 +100,25 @@ def parse_prompts_and_classes(text: str) -> tuple[dict[str, str], dict[str, list
 
 
 def read_dreambench(root: str, names: tuple[str, ...] = ()) -> tuple[list[BenchSubject], dict[str, list[str]]]:
-    """The subjects present under ``root`` (or exactly ``names``) and the prompt templates."""
-    table = os.path.join(root, "prompts_and_classes.txt")
-    if not os.path.isfile(table):
+    """The subjects present under ``root`` (or exactly ``names``) and the prompt templates; ``root``
+    is a local folder or a URI, read by every task through utils.storage."""
+    from ..utils import storage
+
+    root = root if storage.is_uri(root) else os.path.abspath(root)  # tasks need not share the working directory
+    table = storage.join(root, "prompts_and_classes.txt")
+    if not storage.is_file(table):
         raise FileNotFoundError(f"{table} not found: --data must be a DreamBench folder")
-    with open(table) as f:
-        classes, prompts = parse_prompts_and_classes(f.read())
+    classes, prompts = parse_prompts_and_classes(storage.read_bytes(table).decode())
     if unknown := [n for n in names if n not in classes]:
         raise ValueError(f"subjects not in {table}: {unknown}")
     subjects = []
     for name in names or sorted(classes):
-        folder = os.path.join(root, name)
-        if not os.path.isdir(folder):
+        folder = storage.join(root, name)
+        if not storage.is_dir(folder):
             if names:
                 raise FileNotFoundError(f"no photo folder {folder}")
             continue  # a sample of the benchmark holds only some of its subjects
-        photos = tuple(sorted(os.path.join(folder, p) for p in os.listdir(folder)
-                              if p.lower().endswith(IMAGE_SUFFIXES)))
+        photos = tuple(storage.join(folder, p) for p in storage.listdir(folder) if p.lower().endswith(IMAGE_SUFFIXES))
         if not photos:
             raise FileNotFoundError(f"{folder} holds no photos ({', '.join(IMAGE_SUFFIXES)})")
         subjects.append(BenchSubject(name, classes[name], classes[name] in LIVE_CLASSES, photos))
@@ -156,6 +158,7 @@ def _evaluate_subject(cfg: DreamBenchConfig, subject: BenchSubject, templates: d
 
     from ..apprentice.dreambooth import DreamBoothConfig, dreambooth_expert
     from ..model.inputs import load_image, square
+    from ..utils.storage import read_bytes
     from ..model.pipeline import load_pipeline
     from .scorers import Scorers
 
@@ -167,7 +170,7 @@ def _evaluate_subject(cfg: DreamBenchConfig, subject: BenchSubject, templates: d
     photos = []
     for path in subject.photos:
         try:
-            photos.append(load_image(path))
+            photos.append(load_image(read_bytes(path)))
         except Exception as e:
             raise ValueError(f"{path}: {e}") from None
     demos, size = photos[:cfg.num_demos], pipe.config.image_size
@@ -293,29 +296,31 @@ def _plot(methods: dict, path: str) -> None:
 
 def evaluate_dreambench(cfg: DreamBenchConfig) -> dict:
     """One Ray task per subject; writes results.json, results.md, contact_sheets/, quality_vs_seconds.png."""
+    from ..model.pipeline import resolve_checkpoint
     from ..utils.ray_utils import run_sharded
+    from ..utils.storage import exists, staged
 
     subjects, templates = read_dreambench(cfg.data, cfg.subjects)
-    if not os.path.exists(cfg.checkpoint):
-        raise FileNotFoundError(f"checkpoint {cfg.checkpoint} not found")
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
     for path in (cfg.clip_pretrained if cfg.clip_model == "tiny" else "", cfg.dino_pretrained):
-        if path and not os.path.exists(path):
+        if path and not exists(path):
             raise FileNotFoundError(f"scorer weights {path} not found")
-    absolute = {k: os.path.abspath(getattr(cfg, k)) for k in ("checkpoint", "clip_pretrained", "dino_pretrained")
+    absolute = {k: os.path.abspath(getattr(cfg, k)) for k in ("clip_pretrained", "dino_pretrained")
                 if os.path.exists(getattr(cfg, k))}  # tasks need not share the driver's working directory
-    task_cfg = replace(cfg, **absolute)
+    task_cfg = replace(cfg, checkpoint=checkpoint, **absolute)
     records = run_sharded(_evaluate_subject, [(task_cfg, s, templates) for s in subjects],
                           max_in_flight=len(subjects), desc="evaluate dreambench", num_gpus=cfg.num_gpus)
     methods = [m for m in METHODS if m in cfg.methods]
     results = {"config": asdict(cfg), "subjects": [r["subject"] for r in records],
                "dino_is_random": cfg.scorers.dino_is_random, "methods": aggregate(records, tuple(methods)),
                "per_subject": {r["subject"]: r["methods"] for r in records}}
-    os.makedirs(os.path.join(cfg.out, "contact_sheets"), exist_ok=True)
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(markdown(results))
-    for r in records:
-        _contact_sheet(r).save(os.path.join(cfg.out, "contact_sheets", f"{r['subject']}.png"))
-    _plot(results["methods"], os.path.join(cfg.out, "quality_vs_seconds.png"))
+    with staged(cfg.out) as out:  # a local folder or a URI (uploaded once written)
+        os.makedirs(os.path.join(out, "contact_sheets"), exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(markdown(results))
+        for r in records:
+            _contact_sheet(r).save(os.path.join(out, "contact_sheets", f"{r['subject']}.png"))
+        _plot(results["methods"], os.path.join(out, "quality_vs_seconds.png"))
     return results

@@ -26,9 +26,11 @@ TINY_DINO = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3) 
 
 
 def load_dino(model: str = "tiny", pretrained: str = "", device: str = "cpu"):
-    """-> (timm ViT returning its [CLS] embedding, input size)."""
+    """-> (timm ViT returning its [CLS] embedding, input size). ``pretrained``: a path or a URI."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
+
+    from ..utils.storage import local_copy
 
     if model == "tiny":
         with torch.random.fork_rng():
@@ -37,9 +39,9 @@ def load_dino(model: str = "tiny", pretrained: str = "", device: str = "cpu"):
         if pretrained:
             from safetensors.torch import load_file
 
-            vit.load_state_dict(load_file(pretrained))
+            vit.load_state_dict(load_file(local_copy(pretrained)))
     else:
-        overlay = {"file": pretrained} if pretrained else None
+        overlay = {"file": local_copy(pretrained)} if pretrained else None
         vit = timm.create_model(model, pretrained=bool(pretrained), pretrained_cfg_overlay=overlay, num_classes=0,
                                 global_pool="token")
     size = vit.patch_embed.img_size[0]

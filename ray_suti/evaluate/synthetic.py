@@ -198,19 +198,14 @@ def _contact_sheet(records: list[dict], num_demos: int):
 
 def evaluate_synthetic(cfg: SyntheticEvalConfig) -> dict:
     """Runs every case as Ray tasks of ``chunk_size`` subjects; writes and returns the results."""
-    from ..model import PRESETS
-    from ..model.pipeline import SCHEDULERS
+    from ..model.pipeline import SCHEDULERS, resolve_checkpoint
+    from ..utils.storage import staged
     from ..utils.ray_utils import run_sharded
 
     # Fail here, not inside every task.
     if cfg.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
-    saved = os.path.isfile(os.path.join(cfg.checkpoint, "suti.json")) or (
-        os.path.isfile(cfg.checkpoint) and cfg.checkpoint.endswith(".safetensors"))
-    if cfg.checkpoint not in PRESETS and not saved:
-        raise ValueError(f"{cfg.checkpoint!r} is neither a preset ({', '.join(PRESETS)}) nor a saved checkpoint")
-    if saved:  # tasks need not share the driver's working directory
-        cfg = replace(cfg, checkpoint=os.path.abspath(cfg.checkpoint))
+    cfg = replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
     cases = make_cases(cfg)
     chunks = [cases[i:i + cfg.chunk_size] for i in range(0, len(cases), cfg.chunk_size)]
     finished = run_sharded(_evaluate_chunk, [(cfg, chunk) for chunk in chunks], max_in_flight=len(chunks),
@@ -222,11 +217,12 @@ def evaluate_synthetic(cfg: SyntheticEvalConfig) -> dict:
     results = {"config": asdict(cfg), "methods": methods,
                "suti_minus_text_only_db": {"subject": suti["subject_psnr"] - text["subject_psnr"],
                                            "context": suti["context_psnr"] - text["context_psnr"]}}
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(markdown(results))
-    if any("images" in r for r in records):
-        _contact_sheet(records, cfg.num_demos).save(os.path.join(cfg.out, "contact_sheet.png"))
+    with staged(cfg.out) as out:  # a local folder or a URI (uploaded once written)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(markdown(results))
+        if any("images" in r for r in records):
+            _contact_sheet(records, cfg.num_demos).save(os.path.join(out, "contact_sheet.png"))
     return results

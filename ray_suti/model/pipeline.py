@@ -25,7 +25,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .inputs import SuTIInputError, subject_tensor
+from ..utils.storage import local_copy, staged
+from .controls import KEYPOINT_NAMES, Controls, batch_controls, rasterize
+from .inputs import SuTIInputError, load_image, subject_tensor
 from .presets import SuTIConfig, get_preset
 from .suti import SuTIModel
 from .tokenizer import clip_tokenizer
@@ -95,7 +97,8 @@ class SuTIPipeline:
     @classmethod
     def from_base(cls, path: str, neighbour_levels: tuple = (1, 2), neighbour_heads: int = 8,
                   max_demos: int = 5) -> "SuTIPipeline":
-        """Any local diffusers Stable Diffusion 1.x/2.x folder -> SuTI with fresh neighbour layers."""
+        """Any diffusers Stable Diffusion 1.x/2.x folder (local or a URI) -> SuTI with fresh neighbour layers."""
+        path = local_copy(path)
         base = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
         text_encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
@@ -122,7 +125,11 @@ class SuTIPipeline:
         return cls(SuTIModel(config, unet, text_encoder, vae), tokenizer)
 
     def save_pretrained(self, path: str) -> None:
-        """A folder of safetensors weights and JSON configs; nothing pickled."""
+        """A folder of safetensors weights and JSON configs; nothing pickled. ``path``: local or a URI."""
+        with staged(path) as local:
+            self._save_folder(local)
+
+    def _save_folder(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
         self.model.unet.save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
         self.model.text_encoder.save_pretrained(os.path.join(path, "text_encoder"), safe_serialization=True)
@@ -135,16 +142,16 @@ class SuTIPipeline:
 
     def save_single_file(self, path: str, metadata: dict | None = None, dtype=torch.float16) -> None:
         """Every trainable weight in one .safetensors file, the config in its metadata (pixel presets;
-        the small committed checkpoints use this)."""
+        the small committed checkpoints use this). ``path``: local or a URI."""
         from safetensors.torch import save_file
 
         if self.model.vae is not None:
             raise ValueError("single-file export is for pixel presets; use save_pretrained for latent models")
         tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.model.state_dict().items()}
         meta = {"suti_config": json.dumps(self.config.to_dict()), **{k: str(v) for k, v in (metadata or {}).items()}}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(tensors, path + ".tmp", metadata=meta)
-        os.replace(path + ".tmp", path)
+        with staged(path) as local:
+            save_file(tensors, local + ".tmp", metadata=meta)
+            os.replace(local + ".tmp", local)
 
     @classmethod
     def from_single_file(cls, path: str) -> "SuTIPipeline":
@@ -162,13 +169,14 @@ class SuTIPipeline:
     def single_file_metadata(path: str) -> dict:
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
+        with safe_open(local_copy(path), framework="pt") as f:
             return dict(f.metadata())
 
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: torch.dtype | None = None) -> "SuTIPipeline":
         """Loads a folder written by ``save_pretrained`` (or a single file from ``save_single_file``):
-        safetensors only, never unpickles."""
+        safetensors only, never unpickles. ``path``: local or a URI (fetched once into a local cache)."""
+        path = local_copy(path)
         if os.path.isfile(path) and path.endswith(".safetensors"):
             return cls.from_single_file(path)
         with open(os.path.join(path, "suti.json")) as f:
@@ -234,12 +242,32 @@ class SuTIPipeline:
         return self.model.encode_demos(*self._demo_inputs([list(images)], None if captions is None else [captions]))
 
     # ---- sampling --------------------------------------------------------------------------
+    def prepare_controls(self, b: int, box=None, keypoints=None, edges=None) -> Controls | None:
+        """Each control: None, one value for every prompt, or a list with one value (or None) per
+        prompt -> the batch's rasterised Controls (None when no prompt has any)."""
+        given = {"box": box, "keypoints": keypoints, "edges": edges}
+        rows: list[dict] = [{} for _ in range(b)]
+        for name, value in given.items():
+            if value is None:
+                continue
+            if name not in self.config.controls:
+                raise SuTIInputError(f"this checkpoint has no {name!r} control (it has: "
+                                     f"{', '.join(self.config.controls) or 'none'})")
+            values = value if _per_prompt(name, value) else [value] * b
+            if len(values) != b:
+                raise SuTIInputError(f"{len(values)} {name} values for {b} prompts")
+            for row, v in zip(rows, values):
+                if v is not None:
+                    row.update(rasterize(self.config.image_size, device=self.device, **{name: _check_control(name, v)}))
+        return batch_controls(rows, self.config.image_size, self.device)
+
     @torch.no_grad()
     def denoise(self, text: torch.Tensor, demos: DemoFeatures | None, *, num_inference_steps: int,
                 guidance_scale_text: float, guidance_scale_subject: float, generator=None,
-                demo_inputs: tuple | None = None) -> torch.Tensor:
+                demo_inputs: tuple | None = None, controls: Controls | None = None) -> torch.Tensor:
         """text (B, L, D); demos for B examples (or ``demo_inputs`` to re-encode them at every step
-        and branch, the uncached reference) -> clean samples in model space (B, C, h, w)."""
+        and branch, the uncached reference); controls of B rows (every guidance branch keeps them,
+        as ControlNet does) -> clean samples in model space (B, C, h, w)."""
         b = text.shape[0]
         null = self.model.encode_text(self.model.null_prompt_ids(b, text.device))
         with_demos = demos is not None or demo_inputs is not None
@@ -260,10 +288,12 @@ class SuTIPipeline:
             return DemoFeatures.cat(parts)
 
         shared = branch_demos() if demo_inputs is None else None  # reused by every step
+        residuals = self.model.unet.encode_controls(None if controls is None else controls.tile(len(branches)),
+                                                    text.dtype)  # once per request, like the demo features
         for t in self.progress_bar(self.scheduler.timesteps):
             step_demos = shared if demo_inputs is None else branch_demos()
             x = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
-            preds = self.model(x, t, branch_text, step_demos).chunk(len(branches))
+            preds = self.model(x, t, branch_text, step_demos, residuals).chunk(len(branches))
             pred = sum(w * p for (w, _, _), p in zip(branches, preds))
             latents = self.scheduler.step(pred, t, latents).prev_sample
         return latents
@@ -272,12 +302,17 @@ class SuTIPipeline:
     def __call__(self, prompt: str | list[str], subject_images, subject_captions=None,
                  num_inference_steps: int = 25, guidance_scale_text: float = 1.5,
                  guidance_scale_subject: float = 1.5, generator=None, num_images_per_prompt: int = 1,
-                 output_type: str = "pil", cache_demo_features: bool = True) -> SuTIPipelineOutput:
+                 output_type: str = "pil", cache_demo_features: bool = True, box=None, keypoints=None,
+                 edges=None) -> SuTIPipelineOutput:
         """Draw the subject of ``subject_images`` as ``prompt`` describes.
 
         prompt: one prompt or a list. subject_images: the photos of one subject (paths, bytes, PIL
         images or arrays), one list of photos per prompt, ``DemoFeatures`` from ``encode_subject``,
         or None for plain text-to-image. subject_captions: optional captions, shaped like the photos.
+        Spatial controls (any subset, for checkpoints trained with them; see controls.py), each one
+        value for every prompt or a list of one per prompt (None where absent): ``box`` (x0, y0, x1,
+        y1), ``keypoints`` ((x, y) of the subject's top, (x, y) of its right-hand side), both as
+        fractions of the image; ``edges``, an outline image (bright lines on dark) or (H, W) array.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -289,6 +324,9 @@ class SuTIPipeline:
         if output_type not in ("pil", "np", "pt"):
             raise SuTIInputError("output_type must be 'pil', 'np' or 'pt'")
         b = len(prompts)
+        controls = self.prepare_controls(b, box, keypoints, edges)
+        if controls is not None and num_images_per_prompt > 1:
+            controls = controls.repeat(num_images_per_prompt)
 
         demo_inputs, demos = None, None
         if subject_images is None:  # plain text-to-image: the base model (and DreamBooth experts)
@@ -313,7 +351,7 @@ class SuTIPipeline:
         text = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, 0)
         latents = self.denoise(text, demos, num_inference_steps=num_inference_steps,
                                guidance_scale_text=guidance_scale_text, guidance_scale_subject=guidance_scale_subject,
-                               generator=generator, demo_inputs=demo_inputs)
+                               generator=generator, demo_inputs=demo_inputs, controls=controls)
         images = (self.model.from_model_space(latents).float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return SuTIPipelineOutput(images=images)
@@ -323,13 +361,63 @@ class SuTIPipeline:
         return SuTIPipelineOutput(images=[Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in array])
 
 
+def _per_prompt(name: str, value) -> bool:
+    """A list of per-prompt values, or one value for every prompt?"""
+    if name == "edges":
+        return isinstance(value, (list, tuple))
+    depth, v = 0, value
+    while isinstance(v, (list, tuple, np.ndarray, torch.Tensor)) and len(v):
+        v = next((x for x in v if x is not None), None) if depth == 0 else v[0]
+        depth += 1
+    return depth > {"box": 1, "keypoints": 2}[name]
+
+
+def _check_control(name: str, value):
+    """One control value -> checked numbers or a [0, 1] map; SuTIInputError with the reason."""
+    if name == "edges":
+        if isinstance(value, (np.ndarray, torch.Tensor)) and np.ndim(value) == 2:
+            arr = np.asarray(value, dtype=np.float32)
+        else:
+            arr = np.asarray(load_image(value).convert("L"), dtype=np.float32) / 255.0
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise SuTIInputError("edges must be an image or an (H, W) array with values in [0, 1]")
+        return arr
+    want = {"box": (4,), "keypoints": (len(KEYPOINT_NAMES), 2)}[name]
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape != want or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        what = "x0, y0, x1, y1" if name == "box" else "[[x, y] of the top], [[x, y] of the right-hand side]"
+        raise SuTIInputError(f"{name} must be {what} as fractions of the image in [0, 1], got {value!r}")
+    if name == "box" and not (arr[0] < arr[2] and arr[1] < arr[3]):
+        raise SuTIInputError(f"box needs x0 < x1 and y0 < y1, got {value!r}")
+    return arr
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """Checks a checkpoint argument before any work starts -> a preset name, a URI or an absolute
+    local path (Ray tasks and replicas need not share the driver's working directory)."""
+    from ..utils import storage
+    from .presets import PRESETS
+
+    if checkpoint in PRESETS:
+        return checkpoint
+    if not ((checkpoint.endswith(".safetensors") and storage.is_file(checkpoint))
+            or storage.is_file(storage.join(checkpoint, "suti.json"))):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} is neither a preset ({', '.join(PRESETS)}) nor a saved "
+                                "model (a .safetensors file or a save_pretrained folder)")
+    return checkpoint if storage.is_uri(checkpoint) else os.path.abspath(checkpoint)
+
+
 def load_pipeline(checkpoint: str) -> SuTIPipeline:
     """A preset name (untrained: noise, but every path runs), a ``save_pretrained`` folder, or a
-    single ``.safetensors`` file."""
+    single ``.safetensors`` file; local or a URI (s3://..., fetched once into a local cache)."""
     from .presets import PRESETS
 
     if checkpoint in PRESETS:
         return SuTIPipeline.from_preset(checkpoint)
+    checkpoint = local_copy(checkpoint)
     if os.path.isfile(os.path.join(checkpoint, "suti.json")) or (
             os.path.isfile(checkpoint) and checkpoint.endswith(".safetensors")):
         return SuTIPipeline.from_pretrained(checkpoint)

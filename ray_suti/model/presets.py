@@ -22,6 +22,7 @@ class SuTIConfig:
     neighbour_heads: int = 4
     neighbour_cosine: bool = False  # cosine neighbour attention with a learnt temperature (unet.py)
     max_demos: int = 5
+    controls: tuple = ()  # spatial controls with their own encoders: "box", "keypoints", "edges"
     prediction_type: str = "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"
 
@@ -40,6 +41,7 @@ class SuTIConfig:
     def from_dict(cls, d: dict) -> "SuTIConfig":
         d = dict(d)
         d["neighbour_levels"] = tuple(d["neighbour_levels"])
+        d["controls"] = tuple(d.get("controls", ()))
         return cls(**d)
 
 

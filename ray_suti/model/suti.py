@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from .controls import Controls
 from .presets import SuTIConfig
 from .unet import DemoFeatures, SuTIUNet
 
@@ -23,7 +24,8 @@ class SuTIModel(nn.Module):
         self.config = config
         self.unet = unet or SuTIUNet(base_config=config.unet, neighbour_levels=config.neighbour_levels,
                                      neighbour_heads=config.neighbour_heads, max_demos=config.max_demos,
-                                     neighbour_cosine=config.neighbour_cosine)
+                                     neighbour_cosine=config.neighbour_cosine, controls=config.controls,
+                                     image_size=config.image_size)
         self.text_encoder = text_encoder or CLIPTextModel(CLIPTextConfig(**config.text))
         self.vae = vae if vae is not None else (AutoencoderKL(**config.vae) if config.latent else None)
         if self.vae is not None:
@@ -61,8 +63,9 @@ class SuTIModel(nn.Module):
         text = self.encode_text(caption_ids.flatten(0, 1)).unflatten(0, (b, k))
         return self.unet.encode_demos(x, text, valid)
 
-    def forward(self, sample, timestep, text: torch.Tensor, demos: DemoFeatures | None = None) -> torch.Tensor:
-        return self.unet(sample, timestep, text, demos)
+    def forward(self, sample, timestep, text: torch.Tensor, demos: DemoFeatures | None = None,
+                control_residuals: tuple | None = None) -> torch.Tensor:
+        return self.unet(sample, timestep, text, demos, control_residuals)
 
     # ---- training ------------------------------------------------------------------------------
     def noise_scheduler(self) -> DDPMScheduler:
@@ -76,7 +79,8 @@ class SuTIModel(nn.Module):
 
         batch: ``target`` (B, 3, H, W), ``prompt_ids`` (B, L), optional ``drop_text`` (B,) and, for
         in-context examples, ``demo_images`` (B, K, 3, H, W), ``demo_caption_ids`` (B, K, L),
-        ``demo_valid`` (B, K) and optional ``drop_demos`` (B,). Each target is trained at
+        ``demo_valid`` (B, K) and optional ``drop_demos`` (B,); optional controls (a Controls
+        as ``Controls.to_batch()`` keys, its controls already dropped at random per row). Each target is trained at
         ``noise_repeats`` noise levels while its text and demos are encoded once. A fraction
         ``high_noise_frac`` of the timesteps is drawn from the noisier half only, where the demos
         decide most (measured: demos cut the loss 8-13% at t >= 600, 0.5-3% at t <= 300).
@@ -93,6 +97,9 @@ class SuTIModel(nn.Module):
             if "drop_demos" in batch:
                 demos = demos.with_valid(~batch["drop_demos"])
             demos = demos.repeat(r) if r > 1 else demos
+        residuals = self.unet.encode_controls(Controls.from_batch(batch), target.dtype)
+        if residuals is not None and r > 1:
+            residuals = ([t.repeat_interleave(r, 0) for t in residuals[0]], residuals[1].repeat_interleave(r, 0))
         text = self.encode_text(prompt_ids).repeat_interleave(r, 0)
         x0 = self.to_model_space(target).repeat_interleave(r, 0)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
@@ -103,5 +110,5 @@ class SuTIModel(nn.Module):
             t = torch.where(high, steps // 2 + t // 2, t)  # uniform on [T/2, T) for those
         noisy = scheduler.add_noise(x0, noise, t)
         want = noise if self.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
-        pred = self(noisy, t, text, demos)
+        pred = self(noisy, t, text, demos, residuals)
         return F.mse_loss(pred.float(), want.float())

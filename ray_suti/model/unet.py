@@ -15,7 +15,8 @@ Re-Imagen / SuTI in three moves (DESIGN.md, "Model"):
    from the first step and opens the path.
 
 Demo features do not depend on the noise step: compute them once per request and pass the same
-``DemoFeatures`` to every denoising step and guidance branch.
+``DemoFeatures`` to every denoising step and guidance branch. Spatial controls (box, keypoints,
+edges) have their own encoders under ``control_encoders.*`` (controls.py); their residuals are passed in.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
+
+from .controls import ControlEncoders, Controls
 
 COSINE_INIT_SCALE = 10.0  # initial temperature of cosine neighbour attention
 
@@ -180,9 +183,11 @@ class SuTIUNet(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, base_config: dict, neighbour_levels: tuple = (1, 2), neighbour_heads: int = 4,
-                 neighbour_positions: bool = True, max_demos: int = 5, neighbour_cosine: bool = False):
+                 neighbour_positions: bool = True, max_demos: int = 5, neighbour_cosine: bool = False,
+                 controls: tuple = (), image_size: int = 0):
         super().__init__()
         self.unet = UNet2DConditionModel(**{k: v for k, v in base_config.items() if not k.startswith("_")})
+        self.control_encoders = ControlEncoders(tuple(controls), self.unet.config, image_size or self.unet.config.sample_size)
         channels = self.unet.config.block_out_channels
         self.neighbours = nn.ModuleDict()
         for name, block, level in transformer_blocks_by_level(self.unet):
@@ -226,13 +231,22 @@ class SuTIUNet(ModelMixin, ConfigMixin):
         for module in self.neighbours.values():
             module.demos = demos
 
-    def forward(self, sample: torch.Tensor, timestep, text: torch.Tensor,
-                demos: DemoFeatures | None = None) -> torch.Tensor:
-        """sample (B, C, H, W), text (B, L, D) -> model prediction (B, C, H, W)."""
+    def encode_controls(self, controls: Controls | None, dtype=torch.float32) -> tuple | None:
+        """Controls -> (down residuals, mid residual), step-independent; None without any control."""
+        return None if controls is None else self.control_encoders(controls, dtype)
+
+    def forward(self, sample: torch.Tensor, timestep, text: torch.Tensor, demos: DemoFeatures | None = None,
+                control_residuals: tuple | None = None) -> torch.Tensor:
+        """sample (B, C, H, W), text (B, L, D), control residuals of B rows -> model prediction (B, C, H, W)."""
         if demos is not None and demos.batch_size != sample.shape[0]:
             raise ValueError(f"demo features for {demos.batch_size} examples, sample has {sample.shape[0]}")
+        extra = {}
+        if control_residuals is not None:
+            down, mid = control_residuals
+            extra = dict(down_block_additional_residuals=tuple(r.to(sample.dtype) for r in down),
+                         mid_block_additional_residual=mid.to(sample.dtype))
         self._set_demos(demos)
         try:
-            return self.unet(sample, timestep, encoder_hidden_states=text).sample
+            return self.unet(sample, timestep, encoder_hidden_states=text, **extra).sample
         finally:
             self._set_demos(None)

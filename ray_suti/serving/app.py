@@ -92,6 +92,7 @@ class Generator:
         import torch
 
         from ..model.pipeline import load_pipeline
+        from ..utils.storage import local_copy
 
         torch.set_num_threads(1)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -100,6 +101,7 @@ class Generator:
         self.store = SubjectStore(store_root, MAX_IMAGES, MAX_PIXELS)
         self.cache: OrderedDict = OrderedDict()
         self.cache_size, self.checkpoint = cache_size, checkpoint
+        self.checkpoint_id = _file_id(local_copy(checkpoint))  # the fetched copy when it is a URI
         self.stats = {"feature_hits": 0, "feature_misses": 0, "batches": 0, "rows": 0}
         self.generate.set_max_batch_size(max_batch_size)  # 1 turns batching off (bench/serve_load.py)
 
@@ -121,8 +123,8 @@ class Generator:
         return feats
 
     def info(self) -> dict:
-        return {"preset": self.pipe.config.name, "checkpoint": self.checkpoint, "cache_entries": len(self.cache),
-                **self.stats}
+        return {"preset": self.pipe.config.name, "checkpoint": self.checkpoint, "checkpoint_id": self.checkpoint_id,
+                "cache_entries": len(self.cache), **self.stats}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def generate(self, jobs: list[dict]) -> list[dict]:
@@ -276,8 +278,7 @@ class Ingress:
     async def model(self, request: Request):
         if denied := self._denied(request):
             return denied
-        info = await self.generator.info.remote()
-        return {**info, "checkpoint_id": _file_id(info["checkpoint"])}
+        return await self.generator.info.remote()
 
     @api.post("/v1/subjects", openapi_extra=_json_body(SubjectRequest),
               summary="Register a subject: 1-5 photos as multipart `images` files (optional `captions` fields) "
@@ -353,16 +354,15 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
               max_body_bytes: int = MAX_BODY_BYTES, max_batch_size: int = 8, downscale_delay_s: float = 10.0):
     """The application graph (``serve run serve.app:build``). ``token`` (default: the environment's
     SUTI_API_TOKEN) makes every API route but /healthz require ``Authorization: Bearer <token>``."""
-    from ..model.presets import PRESETS
+    from ..model.pipeline import resolve_checkpoint
+    from ..utils.storage import is_uri
 
-    if checkpoint not in PRESETS and not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} is neither a preset nor a saved model")
-    store = os.path.abspath(store)
+    checkpoint = resolve_checkpoint(checkpoint)  # a preset, a URI or an absolute path
+    store = store if is_uri(store) else os.path.abspath(store)  # shared storage: every replica sees every subject
     generator = Generator.options(
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
                             "target_ongoing_requests": target_ongoing_requests,
                             "upscale_delay_s": 2.0, "downscale_delay_s": downscale_delay_s},
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-    ).bind(os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint, store, cache_size, num_gpus > 0,
-           max_batch_size)
+    ).bind(checkpoint, store, cache_size, num_gpus > 0, max_batch_size)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(generator, store, max_body_bytes, token)

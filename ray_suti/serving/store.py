@@ -1,22 +1,22 @@
-"""Registered subjects on disk, by content hash.
+"""Registered subjects in a folder or object storage (s3://...), by content hash.
 
 A subject is its photos (re-encoded as PNG after checks) and captions; its id is the SHA-256 of
 those, so registering the same photos twice gives the same id and costs nothing. Ids are checked
 against ``^[0-9a-f]{64}$`` before any path is built: nothing from a request becomes a file name.
-Deleting a subject removes its folder (people can take their photos back).
+Deleting a subject removes its folder (people can take their photos back). Every replica of every
+node sees the same subjects when the root is shared storage. A subject is readable once its
+``captions.json`` exists, which is written last, each file whole (see utils.storage).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 
 from PIL import Image
 
+from ..utils import storage
 from ..utils.images import inspect_image
 
 ID = re.compile(r"^[0-9a-f]{64}$")
@@ -29,10 +29,9 @@ class SubjectError(ValueError):
 class SubjectStore:
     def __init__(self, root: str, max_images: int = 5, max_pixels: int = 4096 * 4096, min_side: int = 16):
         self.root, self.max_images, self.max_pixels, self.min_side = root, max_images, max_pixels, min_side
-        os.makedirs(root, exist_ok=True)
 
     def _folder(self, subject_id: str) -> str | None:
-        return os.path.join(self.root, subject_id) if isinstance(subject_id, str) and ID.match(subject_id) else None
+        return storage.join(self.root, subject_id) if isinstance(subject_id, str) and ID.match(subject_id) else None
 
     def put(self, images: list[bytes], captions: list[str] | None = None) -> str:
         if not 1 <= len(images) <= self.max_images:
@@ -53,18 +52,11 @@ class SubjectStore:
         for png, caption in zip(pngs, captions):
             digest.update(hashlib.sha256(png).digest() + hashlib.sha256(caption.encode()).digest())
         subject_id = digest.hexdigest()
-        folder = self._folder(subject_id)
-        if not os.path.isdir(folder):
-            tmp = tempfile.mkdtemp(prefix=".new-", dir=self.root)  # written whole, then renamed into place
+        if not self.exists(subject_id):  # a concurrent registration of it writes the same bytes
+            folder = self._folder(subject_id)
             for i, png in enumerate(pngs):
-                with open(os.path.join(tmp, f"{i}.png"), "wb") as f:
-                    f.write(png)
-            with open(os.path.join(tmp, "captions.json"), "w") as f:
-                json.dump(captions, f)
-            try:
-                os.rename(tmp, folder)
-            except OSError:  # registered meanwhile by another request: same content
-                shutil.rmtree(tmp, ignore_errors=True)
+                storage.write_bytes(storage.join(folder, f"{i}.png"), png)
+            storage.write_bytes(storage.join(folder, "captions.json"), json.dumps(captions).encode())
         return subject_id
 
     def check(self, data: bytes) -> Image.Image:
@@ -79,20 +71,22 @@ class SubjectStore:
 
     def exists(self, subject_id: str) -> bool:
         folder = self._folder(subject_id)
-        return folder is not None and os.path.isdir(folder)
+        return folder is not None and storage.is_file(storage.join(folder, "captions.json"))
 
     def get(self, subject_id: str) -> tuple[list[Image.Image], list[str]] | None:
-        folder = self._folder(subject_id)
-        if folder is None or not os.path.isdir(folder):
+        if not self.exists(subject_id):
             return None
-        with open(os.path.join(folder, "captions.json")) as f:
-            captions = json.load(f)
-        images = [Image.open(os.path.join(folder, f"{i}.png")).convert("RGB") for i in range(len(captions))]
+        folder = self._folder(subject_id)
+        try:
+            captions = json.loads(storage.read_bytes(storage.join(folder, "captions.json")))
+            images = [Image.open(io.BytesIO(storage.read_bytes(storage.join(folder, f"{i}.png")))).convert("RGB")
+                      for i in range(len(captions))]
+        except FileNotFoundError:  # deleted meanwhile
+            return None
         return images, captions
 
     def delete(self, subject_id: str) -> bool:
-        folder = self._folder(subject_id)
-        if folder is None or not os.path.isdir(folder):
+        if not self.exists(subject_id):
             return False
-        shutil.rmtree(folder)
+        storage.delete_dir(self._folder(subject_id))
         return True

@@ -33,6 +33,11 @@ class TrainConfig:
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of exported weights"})
     text_drop: float = field(default=0.1, metadata={"help": "probability of dropping the prompt"})
     demo_drop: float = field(default=0.1, metadata={"help": "probability of dropping the demos"})
+    controls: tuple[str, ...] = field(default=(), metadata={"help": "spatial controls to train (box keypoints edges); "
+                                                                    "added to a checkpoint without them"})
+    control_drop: float = field(default=0.5, metadata={"help": "probability of dropping each control (every subset is learnt)"})
+    controls_only: bool = field(default=False, metadata={"help": "train only the control encoders (the model without "
+                                                                   "controls stays exactly as it was)"})
     max_demos: int = field(default=3, metadata={"help": "most demos per example in training"})
     high_noise_frac: float = field(default=0.0, metadata={"help": "fraction of timesteps drawn from the noisier half (where demos matter)"})
     neighbour_cosine: bool = field(default=False, metadata={"help": "cosine neighbour attention (switches a checkpoint over; see model/unet.py)"})
@@ -53,6 +58,14 @@ class TrainConfig:
             raise ValueError("zero_stage must be 0, 1, 2 or 3")
         if not 1 <= self.max_demos:
             raise ValueError("max_demos must be at least 1")
+        from ..model.controls import CONTROL_CHANNELS
+
+        if set(self.controls) - set(CONTROL_CHANNELS):
+            raise ValueError(f"controls must be among {list(CONTROL_CHANNELS)}, got {list(self.controls)}")
+        if self.controls_only and not self.controls:
+            raise ValueError("controls_only needs --controls")
+        if self.controls and self.mode != "suti":
+            raise ValueError("controls are trained in suti mode (ICL-V2 examples carry them)")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
             raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, "
                              f"got {self.placement_strategy!r}")

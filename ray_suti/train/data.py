@@ -60,9 +60,9 @@ class Collate:
                 "drop_text": self.drops(n, self.cfg.text_drop)}
 
     def icl(self, batch: dict, all_demos: bool = False) -> dict:
-        k_max, rows = self.cfg.max_demos, []
-        for demos, caps, target, prompt in zip(batch["demo_images"], batch["demo_captions"],
-                                               batch["target_image"], batch["target_prompt"]):
+        k_max, rows, control_rows = self.cfg.max_demos, [], []
+        for j, (demos, caps, target, prompt) in enumerate(zip(batch["demo_images"], batch["demo_captions"],
+                                                              batch["target_image"], batch["target_prompt"])):
             tgt = decode(target, self.size)
             pairs = [(decode(d, self.size), str(c or "")) for d, c in zip(demos, caps)]
             pairs = [p for p in pairs if p[0] is not None]
@@ -72,6 +72,10 @@ class Collate:
             k = k if all_demos or self.rng.random() < 0.5 else int(self.rng.integers(1, k + 1))
             chosen = [pairs[i] for i in self.rng.permutation(len(pairs))[:k]]
             rows.append((tgt, str(prompt), chosen))
+            if self.cfg.controls:  # each control dropped on its own, so every subset is learnt
+                maps = row_controls({c: batch[c][j] for c in columns("suti", self.cfg.controls)[4:]},
+                                    self.cfg.controls, self.size)
+                control_rows.append({n: m for n, m in maps.items() if self.rng.random() >= self.cfg.control_drop})
         n, s = len(rows), self.size
         demo_images = torch.zeros(n, k_max, 3, s, s)
         valid = torch.zeros(n, k_max, dtype=torch.bool)
@@ -80,12 +84,40 @@ class Collate:
             demo_images[i, : len(chosen)] = _to_tensor([c[0] for c in chosen])
             valid[i, : len(chosen)] = True
             captions += [c[1] for c in chosen] + [""] * (k_max - len(chosen))
-        return {"target": _to_tensor([r[0] for r in rows]), "prompt_ids": self.tokens([r[1] for r in rows]),
-                "demo_images": demo_images, "demo_caption_ids": self.tokens(captions).view(n, k_max, -1),
-                "demo_valid": valid, "drop_text": self.drops(n, self.cfg.text_drop),
-                "drop_demos": self.drops(n, self.cfg.demo_drop)}
+        out = {"target": _to_tensor([r[0] for r in rows]), "prompt_ids": self.tokens([r[1] for r in rows]),
+               "demo_images": demo_images, "demo_caption_ids": self.tokens(captions).view(n, k_max, -1),
+               "demo_valid": valid, "drop_text": self.drops(n, self.cfg.text_drop),
+               "drop_demos": self.drops(n, self.cfg.demo_drop)}
+        if self.cfg.controls:  # every batch has the same keys, present or not
+            from ..model.controls import batch_controls
+
+            out.update(batch_controls(control_rows, self.size, names=self.cfg.controls).to_batch())
+        return out
 
 
-def columns(mode: str) -> list[str]:
-    return ["image", "caption"] if mode == "pretrain" else ["demo_images", "demo_captions", "target_image",
-                                                             "target_prompt"]
+def columns(mode: str, controls: tuple = ()) -> list[str]:
+    if mode == "pretrain":
+        return ["image", "caption"]
+    return ["demo_images", "demo_captions", "target_image", "target_prompt"] + [CONTROL_COLUMNS[c] for c in controls]
+
+
+CONTROL_COLUMNS = {"box": "target_box", "keypoints": "target_keypoints", "edges": "target_edges"}
+
+
+def row_controls(row: dict, names: tuple, size: int) -> dict:
+    """An ICL-V2 row's control columns (null where unknown) -> {name: (C, size, size) map}."""
+    from ..model.controls import rasterize
+
+    given = {}
+    for name in names:
+        value = row.get(CONTROL_COLUMNS[name])
+        if value is None or isinstance(value, float) or (name != "edges" and len(value) != 4):  # null or malformed
+            continue
+        if name == "edges":
+            img, reason = inspect_image(value)
+            if reason:
+                continue
+            given[name] = np.asarray(img.convert("L"), np.float32) / 255.0
+        else:
+            given[name] = np.asarray(value, np.float32).reshape(-1, 2) if name == "keypoints" else np.asarray(value, np.float32)
+    return rasterize(size, **given)

@@ -49,7 +49,7 @@ class ParquetStream(torch.utils.data.IterableDataset):
         while True:
             files = self.files()
             for path in rng.permutation(files[wid::n] or files):
-                table = pq.read_table(path, columns=columns(self.cfg.mode))
+                table = pq.read_table(path, columns=columns(self.cfg.mode, self.cfg.controls))
                 pending = table if pending is None else pa.concat_tables([pending, table])
                 order = rng.permutation(pending.num_rows)
                 full = len(order) // bs * bs

@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, trainable_state
 from .config import TrainConfig
-from .data import Collate
+from .data import Collate, columns
 
 TORCH_EXTENSIONS_DIR = os.path.expanduser("~/.cache/ray-suti/torch_extensions")
 SMALL_SHARD_ROWS = 4096  # a worker's shard this small is read once and replayed from memory
@@ -39,6 +39,14 @@ def start_pipeline(cfg: TrainConfig):
         missing, unexpected = model.load_state_dict(pipe.model.state_dict(), strict=False)
         if unexpected or any(not k.endswith("logit_scale") for k in missing):
             raise ValueError(f"cannot switch {cfg.init_from or cfg.preset} to cosine attention: {missing} {unexpected}")
+        pipe.model = model
+    if set(cfg.controls) - set(pipe.config.controls):
+        # New control encoders: every weight carries over, the encoders start as exact no-ops.
+        names = tuple(dict.fromkeys(pipe.config.controls + tuple(cfg.controls)))
+        model = SuTIModel(dataclasses.replace(pipe.config, controls=names))
+        missing, unexpected = model.load_state_dict(pipe.model.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("unet.control_encoders.") for k in missing):
+            raise ValueError(f"cannot add controls to {cfg.init_from or cfg.preset}: {missing} {unexpected}")
         pipe.model = model
     return pipe
 
@@ -93,10 +101,10 @@ def probe_batch(cfg: TrainConfig, collate: Collate, n: int = 16) -> dict:
 
     ocfg = OracleConfig(image_size=collate.size, num_demos=cfg.max_demos, seed=12345)
     rows = [oracle_example(ocfg, i, subject_seed=s) for i, s in enumerate(heldout_seeds(n))]
-    columns = {k: [r[k] for r in rows] for k in ("demo_images", "demo_captions", "target_image", "target_prompt")}
+    table = {k: [r[k] for r in rows] for k in columns(cfg.mode, cfg.controls)}
     saved, collate.rng = collate.rng, np.random.default_rng(0)
     try:
-        batch = collate.icl(columns, all_demos=True)
+        batch = collate.icl(table, all_demos=True)
     finally:
         collate.rng = saved
     batch.pop("drop_text"), batch.pop("drop_demos")
@@ -108,11 +116,16 @@ def trainable_groups(model, cfg: TrainConfig) -> tuple[list, list[dict]]:
     ``base_lr``; pretraining leaves the neighbour layers out, latent models freeze the text encoder."""
     if cfg.mode == "pretrain":
         model.unet.neighbours.requires_grad_(False)
+        model.unet.control_encoders.requires_grad_(False)
     if not cfg.train_text_encoder or model.config.latent:
         model.text_encoder.requires_grad_(False)
+    if cfg.controls_only:  # ControlNet-style: everything else frozen
+        model.requires_grad_(False)
+        model.unet.control_encoders.requires_grad_(True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    new = [p for n, p in named if n.startswith("unet.neighbours.")]
-    old = [p for n, p in named if not n.startswith("unet.neighbours.")]
+    is_new = lambda n: n.startswith(("unet.neighbours.", "unet.control_encoders."))  # noqa: E731
+    new = [p for n, p in named if is_new(n)]
+    old = [p for n, p in named if not is_new(n)]
     groups = [g for g in ({"params": old, "lr": cfg.base_lr, "initial_lr": cfg.base_lr},
                           {"params": new, "lr": cfg.new_lr, "initial_lr": cfg.new_lr}) if g["params"]]
     return named, groups
@@ -180,9 +193,10 @@ def train_loop_per_worker(config: dict) -> None:
     pipe = start_pipeline(cfg)
     model = pipe.model
     step, ema = continued_step(cfg), None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None or cfg.resume_from:
-        with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(cfg.resume_from)) as d:
+    # Ray's own checkpoint after a restart wins; else --resume-from (a folder or a URI, downloaded)
+    ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.resume_from) if cfg.resume_from else None)
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
             weights, ema, state = load_checkpoint(d)
         model.load_state_dict(weights, strict=False)
         step = state["step"]

@@ -22,7 +22,8 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def export_checkpoint(checkpoint_dir: str, cfg: TrainConfig, command: str = "") -> dict:
-    """EMA weights of a training checkpoint -> the ``from_pretrained`` folder and/or one file."""
+    """EMA weights of a training checkpoint -> the ``from_pretrained`` folder and/or one file
+    (local paths or URIs)."""
     from .checkpoint import load_checkpoint
     from .loop import start_pipeline
 
@@ -53,7 +54,7 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
                          f"(steps count from it; e.g. --steps {start + cfg.steps})")
     init_ray()
     cfg = with_absolute_paths(cfg)
-    dataset = ray.data.read_parquet(cfg.data, columns=columns(cfg.mode), num_cpus=cfg.data_cpus)
+    dataset = ray.data.read_parquet(cfg.data, columns=columns(cfg.mode, cfg.controls), num_cpus=cfg.data_cpus)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from ..schemas import ICL_V2_SCHEMA
 from ..utils.images import encode_png
 from .contexts import Context, sample_context
+from .controls import controls_of
 from .render import render
 from .subjects import Subject, train_seed
 
@@ -31,16 +32,18 @@ class OracleConfig:
     image_size: int = field(default=32, metadata={"help": "image size in px (32, 64 or 128)"})
     num_demos: int = field(default=3, metadata={"help": "demos per example"})
     demo_jitter: float = field(default=0.03, metadata={"help": "position/scale jitter of demo photos"})
+    target_jitter: float = field(default=0.0, metadata={"help": "position/scale jitter of targets (boxes then matter)"})
     examples_per_shard: int = field(default=1000, metadata={"help": "examples per Parquet shard"})
     max_in_flight: int = field(default=2, metadata={"help": "shard tasks at once"})
 
 
-def draw_case(rng: np.random.Generator, num_demos: int, demo_jitter: float = 0.0) -> tuple[list[Context], Context]:
+def draw_case(rng: np.random.Generator, num_demos: int, demo_jitter: float = 0.0,
+              target_jitter: float = 0.0) -> tuple[list[Context], Context]:
     """Demo contexts (ordinary scenes) and a target context in a scene none of them shows."""
     demos = [sample_context(rng, DEMO_SKILLS, jitter=demo_jitter) for _ in range(num_demos)]
     scenes = {d.scene for d in demos}
     while True:
-        target = sample_context(rng)
+        target = sample_context(rng, jitter=target_jitter)
         if target.scene not in scenes and all(target != d.on_grid() for d in demos):
             return demos, target
 
@@ -49,14 +52,18 @@ def oracle_example(cfg: OracleConfig, index: int, subject_seed: int | None = Non
     rng = np.random.default_rng([cfg.seed, 0x1C1, index])
     seed = train_seed(rng) if subject_seed is None else subject_seed
     word = Subject.from_seed(seed).class_word
-    demos, target = draw_case(rng, cfg.num_demos, cfg.demo_jitter)
+    demos, target = draw_case(rng, cfg.num_demos, cfg.demo_jitter, cfg.target_jitter)
+    image, mask = render(seed, target, cfg.image_size)
+    controls = controls_of(seed, target, cfg.image_size, mask)
     return {
         "example_id": f"oracle-{cfg.seed}-{index:08d}", "cluster_id": f"subject-{seed}",
         "demo_images": [encode_png(render(seed, c, cfg.image_size)[0]) for c in demos],
         "demo_captions": [c.prompt(word) for c in demos],
-        "target_image": encode_png(render(seed, target, cfg.image_size)[0]),
+        "target_image": encode_png(image),
         "target_prompt": target.prompt(word), "skills": target.skills,
         "clip_i": None, "clip_t": None, "expert": ORACLE_EXPERT,
+        "target_box": controls["box"].tolist(), "target_keypoints": controls["keypoints"].ravel().tolist(),
+        "target_edges": encode_png(np.round(controls["edges"] * 255).astype(np.uint8)),
     }
 
 

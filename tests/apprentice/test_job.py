@@ -148,3 +148,17 @@ def test_missing_model_files_fail_before_any_actor_starts(tmp_path):
         run_apprentice(ApprenticeConfig(**base, clip_pretrained=str(tmp_path / "clip.safetensors")))
     with pytest.raises(ValueError, match="--prompt-writer"):
         run_apprentice(ApprenticeConfig(**base, clip_pretrained="", prompt_writer="nowhere"))
+
+
+def test_clusters_checkpoint_and_output_may_be_uris(tmp_path, ray_local):
+    """Object storage instead of a shared file system: file:// goes through the same pyarrow calls as s3://."""
+    from ray_suti.apprentice.job import run_apprentice
+
+    write_clusters(tmp_path / "clusters", 2)
+    cfg = ApprenticeConfig(clusters=(tmp_path / "clusters").as_uri(), output=(tmp_path / "out").as_uri(),
+                           checkpoint=(REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), concurrency=1, **FAST)
+    stats = run_apprentice(cfg, progress=False)
+    assert stats["clusters_done"] == 2 and stats["candidates"] == 8
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["clusters_done"] == 2
+    assert len(pq.read_table(tmp_path / "out" / "examples")) == stats["kept"] > 0
+    assert run_apprentice(cfg, progress=False)["clusters_already_done"] == 2  # resumes from the URI's status files

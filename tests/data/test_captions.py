@@ -43,5 +43,5 @@ def test_model_captioner_writes_a_caption_per_image_from_the_model(tmp_path):
 
 
 def test_unknown_captioner_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="'alt' or a local transformers model folder"):
+    with pytest.raises(ValueError, match="'alt' or a transformers model folder"):
         make_captioner(str(tmp_path / "nowhere"))

@@ -78,9 +78,9 @@ def test_scores_are_cosines_and_a_copy_is_not_scored_against_itself():
 def test_the_job_scores_every_method_on_real_photos(ray_local, dreambench_dir, tmp_path, capsys):
     from ray_suti.cli import main
 
-    out = tmp_path / "eval"
-    assert main(["evaluate", "dreambench", "--checkpoint", str(REPO / "checkpoints" / "tiny-32.safetensors"),
-                 "--data", str(dreambench_dir), "--out", str(out), "--subjects", "can", "dog2", "--num-prompts", "2",
+    out = tmp_path / "eval"  # checkpoint and results as URIs: object storage, no shared file system
+    assert main(["evaluate", "dreambench", "--checkpoint", (REPO / "checkpoints" / "tiny-32.safetensors").as_uri(),
+                 "--data", str(dreambench_dir), "--out", out.as_uri(), "--subjects", "can", "dog2", "--num-prompts", "2",
                  "--images-per-prompt", "2", "--dreambooth-steps", "5", "--steps", "5",
                  "--clip-pretrained", str(REPO / "checkpoints" / "tiny-clip.safetensors")]) == 0
     results = json.loads((out / "results.json").read_text())

@@ -17,15 +17,15 @@ METHODS = ("suti", "text_only", "copy_demo")
 
 @pytest.fixture(scope="module")
 def run(ray_local, tmp_path_factory):
-    cfg = SyntheticEvalConfig(out=str(tmp_path_factory.mktemp("eval")), **SMALL)
-    return cfg, evaluate_synthetic(cfg)
+    out = tmp_path_factory.mktemp("eval")
+    return SyntheticEvalConfig(out=str(out), **SMALL), evaluate_synthetic(SyntheticEvalConfig(out=out.as_uri(), **SMALL))
 
 
 def test_writes_results_for_every_method(run):
     cfg, results = run
     out = Path(cfg.out)
     saved = json.loads((out / "results.json").read_text())
-    assert saved == json.loads(json.dumps(results))
+    assert saved == json.loads(json.dumps(results))  # written to the URI it was given
     assert saved["config"]["num_subjects"] == 4 and saved["config"]["checkpoint"] == "tiny-32"
     for method in METHODS:
         summary = saved["methods"][method]
@@ -109,7 +109,7 @@ def test_targets_never_repeat_a_demo_scene(num_demos):
 
 
 def test_bad_checkpoint_or_scheduler_fails_before_any_task(tmp_path):
-    with pytest.raises(ValueError, match="neither a preset"):
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
         evaluate_synthetic(SyntheticEvalConfig(checkpoint=str(tmp_path), out=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="unknown scheduler"):
         evaluate_synthetic(SyntheticEvalConfig(scheduler="euler", out=str(tmp_path / "out")))

@@ -9,7 +9,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ray_suti import SuTIPipeline
 from ray_suti.model import SuTIInputError
-from ray_suti.model.pipeline import guidance_branches
+from ray_suti.model.pipeline import guidance_branches, load_pipeline
 from ray_suti.model.tokenizer import clip_tokenizer
 from ray_suti.world import Context, render
 
@@ -116,6 +116,20 @@ def test_save_and_load_round_trip_without_unpickling(pipe, tmp_path, monkeypatch
     loaded = SuTIPipeline.from_pretrained(str(tmp_path / "ckpt"))
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(_gen(pipe), _gen(loaded))
+
+
+def test_save_and_load_through_uris(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_SUTI_CACHE", str(tmp_path / "cache"))
+    folder, single = (tmp_path / "uri-ckpt").as_uri(), (tmp_path / "m.safetensors").as_uri()
+    pipe.save_pretrained(folder)
+    pipe.save_single_file(single, metadata={"step": 3})
+    assert (tmp_path / "uri-ckpt" / "suti.json").is_file() and (tmp_path / "m.safetensors").is_file()
+    assert SuTIPipeline.single_file_metadata(single)["step"] == "3"
+    for loaded in (SuTIPipeline.from_pretrained(folder), load_pipeline(single)):  # fetched into the cache
+        loaded.set_progress_bar_config(disable=True)
+        assert _gen(loaded).shape == _gen(pipe).shape
+    np.testing.assert_array_equal(_gen(pipe), _gen(SuTIPipeline.from_pretrained(folder)))
+    assert len(os.listdir(tmp_path / "cache")) == 2
 
 
 def _sd_shaped_folder(path):

@@ -15,7 +15,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def url(ray_local, tmp_path_factory):
+def small_store(tmp_path_factory):
+    return tmp_path_factory.mktemp("small")
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, tmp_path_factory, small_store):
     from ray import serve
 
     from ray_suti.serving.app import build_app
@@ -28,8 +33,9 @@ def url(ray_local, tmp_path_factory):
               route_prefix="/")
     serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, token="s3cret"), name="locked",
               route_prefix="/locked")
-    serve.run(build_app(CHECKPOINT, str(tmp_path_factory.mktemp("small")), max_replicas=1, num_cpus=0.5,
-                        cache_size=1), name="small", route_prefix="/small")
+    # Checkpoint and subject store as URIs (file:// goes through the same calls as s3://).
+    serve.run(build_app((REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), small_store.as_uri(), max_replicas=1,
+                        num_cpus=0.5, cache_size=1), name="small", route_prefix="/small")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -74,9 +80,10 @@ def test_register_generate_and_delete(url, dreambench_dir):
     assert requests.delete(f"{url}/v1/subjects/{subject}", timeout=30).status_code == 404
 
 
-def test_a_feature_cache_miss_recomputes_from_the_stored_photos(url, dreambench_dir):
-    small = f"{url}/small"  # an app whose cache holds one subject
+def test_a_feature_cache_miss_recomputes_from_the_stored_photos(url, dreambench_dir, small_store):
+    small = f"{url}/small"  # an app whose cache holds one subject; its store is a URI
     a, b = (register(small, photos(dreambench_dir, name, 2)).json()["subject_id"] for name in ("dog2", "can"))
+    assert sorted(p.name for p in (small_store / a).iterdir()) == ["0.png", "1.png", "captions.json"]
     misses = lambda: requests.get(f"{small}/v1/model", timeout=30).json()["feature_misses"]  # noqa: E731
     before = misses()
     first = generate(small, subject_id=a, accept="image/png").content

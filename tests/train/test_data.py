@@ -92,7 +92,7 @@ def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_noisier_half
 
     model = SuTIModel(get_preset("tiny-32"))
     seen = []
-    monkeypatch.setattr(model, "forward", lambda sample, t, text, demos=None: seen.append(t) or torch.zeros_like(sample))
+    monkeypatch.setattr(model, "forward", lambda sample, t, text, demos=None, control_residuals=None: seen.append(t) or torch.zeros_like(sample))
     batch = {"target": torch.zeros(2000, 3, 32, 32), "prompt_ids": model.null_prompt_ids(2000)}
     monkeypatch.setattr(model, "encode_text", lambda ids: torch.zeros(ids.shape[0], 32, 64))
     for frac in (0.0, 0.5):

@@ -1,4 +1,4 @@
-"""``ray-suti evaluate synthetic|dreambench``: each suite's flags come from its config dataclass."""
+"""``ray-suti evaluate synthetic|dreambench|controls``: each suite's flags come from its config dataclass."""
 from __future__ import annotations
 
 from ..config import add_dataclass_args, from_args
@@ -20,7 +20,17 @@ def _dreambench(args) -> int:
     return 0
 
 
+def _controls(args) -> int:
+    from .controls import ControlsEvalConfig, evaluate_controls, markdown
+
+    cfg = from_args(ControlsEvalConfig, args)
+    print(markdown(evaluate_controls(cfg)))
+    print(f"results and contact_sheet.png: {cfg.out}")
+    return 0
+
+
 def add_cli(subparsers) -> None:
+    from .controls import ControlsEvalConfig
     from .dreambench import DreamBenchConfig
     from .synthetic import SyntheticEvalConfig
 
@@ -33,3 +43,7 @@ def add_cli(subparsers) -> None:
                                              "SuTI vs text-only, DreamBooth and copy-a-demo")
     add_dataclass_args(d, DreamBenchConfig)
     d.set_defaults(func=_dreambench)
+    c = suites.add_parser("controls", help="boxes, keypoints, edges and composed skills on held-out synthetic "
+                                           "subjects: box IoU, keypoint error, PSNR with vs without, pair success")
+    add_dataclass_args(c, ControlsEvalConfig)
+    c.set_defaults(func=_controls)

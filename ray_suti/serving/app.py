@@ -11,6 +11,11 @@ are computed once per replica and kept in a bounded LRU cache (a miss recomputes
 stored photos). Concurrent requests are batched (``@serve.batch``); every row of a batch attends
 only to its own subject's demos, and each image's noise comes from its request's seed, so an image
 does not depend on what it was batched with. Bad input gets a JSON 4xx, never a 500.
+
+Spatial controls ride on /v1/generate, any subset, for checkpoints trained with them (GET /v1/model
+lists them): ``box`` [x0, y0, x1, y1] and ``keypoints`` [[x, y] of the subject's top, [x, y] of its
+right-hand side] as fractions of the image, ``edges`` a base64 outline image (bright lines on
+dark). Malformed controls, or one the checkpoint lacks, answer 422 with the reason.
 """
 
 import asyncio
@@ -36,6 +41,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096  # per photo, before decoding (decompression bombs)
 MAX_IMAGES = 5
 TOKEN_ENV = "SUTI_API_TOKEN"
+CONTROLS = ("box", "keypoints", "edges")
 
 
 class GenerateRequest(BaseModel):
@@ -50,6 +56,12 @@ class GenerateRequest(BaseModel):
     guidance_text: float = Field(default=1.5, ge=0.0, le=20.0)
     guidance_subject: float = Field(default=1.5, ge=0.0, le=20.0)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="same seed, same image")
+    box: list[float] | None = Field(default=None, min_length=4, max_length=4,
+                                    description="where and how large: [x0, y0, x1, y1], fractions of the image")
+    keypoints: list[list[float]] | None = Field(
+        default=None, min_length=2, max_length=2,
+        description="which way up: [[x, y] of the subject's top], [x, y] of its right-hand side]], fractions of the image")
+    edges: str | None = Field(default=None, description="the outline: a base64 image, bright lines on dark")
 
     @model_validator(mode="after")
     def one_subject(self):
@@ -57,6 +69,12 @@ class GenerateRequest(BaseModel):
             raise ValueError("give exactly one of subject_id or images")
         if not self.prompt.strip():
             raise ValueError("prompt must not be blank")
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError("box must be [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        if self.keypoints is not None and not all(len(p) == 2 and all(0 <= v <= 1 for v in p) for p in self.keypoints):
+            raise ValueError("keypoints must be two [x, y] points with coordinates in [0, 1]")
         return self
 
 
@@ -124,6 +142,7 @@ class Generator:
 
     def info(self) -> dict:
         return {"preset": self.pipe.config.name, "checkpoint": self.checkpoint, "checkpoint_id": self.checkpoint_id,
+                "controls": list(self.pipe.config.controls),
                 "cache_entries": len(self.cache), **self.stats}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
@@ -132,9 +151,17 @@ class Generator:
 
     def run_batch(self, jobs: list[dict]) -> list[dict]:
         """Jobs with the same sampling settings share one denoising loop; the rest run apart."""
+        from ..model.inputs import SuTIInputError
+
         results: list[dict | None] = [None] * len(jobs)
         feats = []
         for i, job in enumerate(jobs):
+            try:  # a control this checkpoint lacks, or an unreadable edge map, fails this job only
+                self.pipe.prepare_controls(1, **{c: job.get(c) for c in CONTROLS})
+            except SuTIInputError as e:
+                results[i] = {"status": 422, "detail": str(e)}
+                feats.append(None)
+                continue
             f = (self.features(job["subject_id"]) if job.get("subject_id")
                  else self.pipe.encode_subject(job["photos"], job.get("captions")))
             feats.append(f)
@@ -163,8 +190,13 @@ class Generator:
         prompts = [job["prompt"] for job in jobs for _ in range(job["num_images"])]
         generators = [torch.Generator(self.device).manual_seed(job["seed"] + n)
                       for job in jobs for n in range(job["num_images"])]
+        controls = {}  # one value (or None) per row; a row without a control gets exactly nothing added
+        for c in CONTROLS:
+            rows = [job.get(c) for job in jobs for _ in range(job["num_images"])]
+            controls[c] = rows if any(v is not None for v in rows) else None
         out = self.pipe(prompts, demos, num_inference_steps=steps, guidance_scale_text=g_text,
-                        guidance_scale_subject=g_subject, generator=generators, output_type="np").images
+                        guidance_scale_subject=g_subject, generator=generators, output_type="np",
+                        **controls).images
         seconds = time.perf_counter() - t0
         start = 0
         for i, job in zip(indices, jobs):
@@ -336,6 +368,12 @@ class Ingress:
             if req.captions is not None and len(req.captions) != len(photos):
                 return _error(422, "captions must be one string per image")
             job.update(photos=photos, captions=req.captions)
+        job.update(box=req.box, keypoints=req.keypoints)
+        if req.edges is not None:
+            try:
+                job["edges"] = self.store.check(_b64([req.edges])[0])
+            except SubjectError as e:
+                return _error(422, f"edges: {e}")
         t0 = time.perf_counter()
         result = await self._call_model(job)
         if result["status"] != 200:

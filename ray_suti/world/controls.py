@@ -62,3 +62,47 @@ def without_skill(ctx: Context, skill: str) -> Context:
     undo = {"recontext": dict(scene="studio", position="center", size="medium"), "stylize": dict(style="none"),
             "recolor": dict(colour="none"), "view": dict(rotation=0, mirror=False), "accessorize": dict(accessory="none")}
     return replace(ctx, **undo[skill])
+
+
+def render_background(ctx: Context, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: the context's scene and style with no subject in it."""
+    from .render import _downsample, _grid, _stylise, background
+
+    x, y = _grid(size)
+    img = _stylise(np.clip(background(ctx.scene, x, y), 0, 1), ctx.style)
+    return np.round(_downsample(img, size) * 255).astype(np.uint8)
+
+
+def foreground(image: np.ndarray, ctx: Context, threshold: float = 0.12) -> np.ndarray:
+    """(H, W) bool: pixels of ``image`` that differ from the empty scene (the subject and what it wears)."""
+    bg = render_background(ctx, image.shape[0]).astype(np.float32)
+    return np.abs(image.astype(np.float32) - bg).mean(-1) / 255.0 > threshold
+
+
+def box_iou(mask: np.ndarray, box) -> float:
+    """IoU of a pixel mask with a box's pixels (pixel centres inside the box)."""
+    h, w = mask.shape
+    cx, cy = (np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h
+    inside = ((cy >= box[1]) & (cy <= box[3]))[:, None] & ((cx >= box[0]) & (cx <= box[2]))[None, :]
+    union = (mask | inside).sum()
+    return float((mask & inside).sum() / union) if union else 0.0
+
+
+def pose_of(image: np.ndarray, subject: Subject | int, ctx: Context) -> Context:
+    """The view (rotation x mirror, 8 of them) under which ``render`` of this subject at ``ctx``'s
+    placement best matches ``image``: analysis by synthesis against the ground truth."""
+    best, best_err = ctx, np.inf
+    for rotation in (0, 90, 180, 270):
+        for mirror in (False, True):
+            variant = replace(ctx, rotation=rotation, mirror=mirror)
+            err = float(np.mean((render(subject, variant, image.shape[0])[0].astype(np.float32) - image) ** 2))
+            if err < best_err:
+                best, best_err = variant, err
+    return best
+
+
+def keypoint_error(image: np.ndarray, subject: Subject | int, ctx: Context, keypoints) -> float:
+    """Mean distance (fraction of the image side) from the requested keypoints to the landmarks of
+    the view ``image`` shows (``pose_of``)."""
+    found = landmarks(subject, pose_of(image, subject, ctx))
+    return float(np.linalg.norm(found - np.asarray(keypoints, np.float32), axis=1).mean())

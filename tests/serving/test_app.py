@@ -93,6 +93,27 @@ def test_a_feature_cache_miss_recomputes_from_the_stored_photos(url, dreambench_
     assert misses() == before + 3 and again == first
 
 
+def test_spatial_controls_change_the_image_and_bad_ones_get_422(url, dreambench_dir):
+    from ray_suti.utils.images import encode_png
+    from ray_suti.world import Context, heldout_seeds
+    from ray_suti.world.controls import controls_of
+
+    assert requests.get(f"{url}/v1/model", timeout=30).json()["controls"] == ["box", "keypoints", "edges"]
+    subject = register(url, photos(dreambench_dir, "dog2", 2)).json()["subject_id"]
+    wanted = controls_of(heldout_seeds(1)[0], Context(position="left", size="small"), 32)
+    edges = base64.b64encode(encode_png((wanted["edges"] * 255).astype("uint8"))).decode()
+    plain = generate(url, seed=3, subject_id=subject, accept="image/png")
+    controlled = generate(url, seed=3, subject_id=subject, accept="image/png", box=wanted["box"].tolist(),
+                          keypoints=wanted["keypoints"].tolist(), edges=edges)
+    assert plain.status_code == controlled.status_code == 200 and plain.content != controlled.content
+    assert generate(url, seed=3, subject_id=subject, accept="image/png").content == plain.content  # none: unchanged
+    for bad, reason in ((dict(box=[0.5, 0.1, 0.2, 0.6]), "0 <= x0 < x1"), (dict(box=[0.1, 0.1, 0.5]), "box"),
+                        (dict(keypoints=[[0.1, 0.2]]), "keypoints"), (dict(keypoints=[[0.1, 2.0], [0, 0]]), "keypoints"),
+                        (dict(edges="%%%"), "base64"), (dict(edges=base64.b64encode(b"hello").decode()), "edges")):
+        r = generate(url, subject_id=subject, **bad)
+        assert r.status_code == 422 and reason in r.text, (bad, r.status_code, r.text)
+
+
 def test_batched_requests_of_different_subjects_do_not_mix(url, dreambench_dir):
     subjects = [register(url, photos(dreambench_dir, name, n)).json()["subject_id"]
                 for name, n in (("dog2", 3), ("can", 2), ("clock", 1))]

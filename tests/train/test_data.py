@@ -9,7 +9,7 @@ from ray_suti import SuTIPipeline
 from ray_suti.model.tokenizer import clip_tokenizer
 from ray_suti.train.checkpoint import load_checkpoint, save_checkpoint, trainable_state
 from ray_suti.train.config import TrainConfig
-from ray_suti.train.data import Collate, decode
+from ray_suti.train.data import Collate, columns, decode
 from ray_suti.world.oracle import OracleConfig, oracle_example
 
 
@@ -140,3 +140,42 @@ def test_training_paths_become_absolute_for_workers_in_other_directories(tmp_pat
                                           storage_path="s3://bucket/runs", export_file=""))
     assert cfg.data == str(tmp_path / "runs" / "oracle") and cfg.init_from == str(tmp_path / "checkpoints" / "m.safetensors")
     assert cfg.storage_path == "s3://bucket/runs" and cfg.export_file == ""
+
+
+def test_training_adds_control_encoders_and_drops_each_control_at_random(tmp_path):
+    import pyarrow.parquet as pq
+
+    from ray_suti.train.data import Collate
+    from ray_suti.train.loop import start_pipeline, trainable_groups
+    from ray_suti.world.oracle import OracleConfig, write_oracle_shard
+
+    from ..conftest import REPO
+
+    committed = str(REPO / "checkpoints" / "tiny-32.safetensors")
+    cfg = TrainConfig(init_from=committed, controls=("box", "keypoints", "edges"), controls_only=True, control_drop=0.5)
+    pipe, before = start_pipeline(cfg), start_pipeline(TrainConfig(init_from=committed)).model.state_dict()
+    assert pipe.config.controls == ("box", "keypoints", "edges")
+    after = pipe.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # every old weight carried over
+    named, _ = trainable_groups(pipe.model, cfg)
+    assert named and all(n.startswith("unet.control_encoders.") for n, _ in named)  # controls_only
+
+    write_oracle_shard(OracleConfig(out=str(tmp_path), examples=64, examples_per_shard=64, target_jitter=0.08), 0)
+    table = pq.read_table(tmp_path / "part-00000.parquet", columns=columns("suti", cfg.controls))
+    batch = Collate(cfg, pipe.tokenizer, 32, 32, seed=0).icl({c: table.column(c).to_pylist() for c in table.column_names})
+    for name in cfg.controls:
+        present = batch[f"control_present_{name}"]
+        assert 10 < int(present.sum()) < 54  # dropped about half the time, on its own
+        assert batch[f"control_map_{name}"][~present].abs().sum() == 0
+    loss = pipe.model.loss(batch, pipe.model.noise_scheduler(), generator=torch.Generator().manual_seed(0))
+    loss.backward()  # the gradient reaches the zero-initialised outputs of every encoder
+    assert all(pipe.model.unet.control_encoders.encoders[n].outs[0].weight.grad.abs().sum() > 0 for n in cfg.controls)
+
+
+def test_bad_control_settings_fail_in_the_config():
+    with pytest.raises(ValueError, match="controls must be among"):
+        TrainConfig(controls=("mask",))
+    with pytest.raises(ValueError, match="controls_only needs"):
+        TrainConfig(controls_only=True)
+    with pytest.raises(ValueError, match="suti mode"):
+        TrainConfig(mode="pretrain", controls=("box",))

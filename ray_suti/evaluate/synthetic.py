@@ -28,7 +28,7 @@ COPY_MARGIN_DB = 3.0
 # context (p50 10 dB, p99 15.6 dB) gets to a demo, far below a near-copy (~38 dB at noise sigma 3).
 COPY_MIN_DB = 15.0
 METHODS = ("suti", "text_only", "copy_demo")
-METRICS = ("subject_psnr", "context_psnr", "copy_rate")  # per method, overall and per skill
+METRICS = ("subject_psnr", "context_psnr", "background_psnr", "copy_rate")  # per method, overall and per skill
 @dataclass(frozen=True)
 class SyntheticEvalConfig:
     checkpoint: str = field(default="tiny-32", metadata={"help": "checkpoint folder, or a preset name (untrained)"})
@@ -89,6 +89,23 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(min(100.0, 10 * np.log10(255.0**2 / mse)))
 
 
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` (H, W) grown by ``radius`` pixels in every direction (a square structuring element)."""
+    padded = np.pad(mask, radius)
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
+def background_mask(mask: np.ndarray) -> np.ndarray:
+    """The scene away from the subject: outside its mask grown by 1/16 of the image. Context PSNR
+    also counts the band around the subject, where a wrong outline (text-only's) spills over."""
+    return ~dilate(mask, max(1, mask.shape[0] // 16))
+
+
 def is_copy(output: np.ndarray, demos: list[np.ndarray], gt: np.ndarray) -> bool:
     """Calibrated copy-paste detection: ``output`` copies demo d when PSNR(output, d) exceeds
     PSNR(output, gt) by more than ``COPY_MARGIN_DB`` and is itself at least ``COPY_MIN_DB``.
@@ -127,6 +144,7 @@ def _evaluate_case(pipe, cfg: SyntheticEvalConfig, case: Case) -> dict:
     record = {
         "index": case.index, "subject_seed": case.subject_seed, "prompt": case.prompt, "skills": case.target.skills,
         "metrics": {m: {"subject_psnr": psnr(img, gt, mask), "context_psnr": psnr(img, gt, ~mask),
+                        "background_psnr": psnr(img, gt, background_mask(mask)),
                         "copied": is_copy(img, demos, gt)} for m, img in outputs.items()},
     }
     if case.index < cfg.sheet_rows:
@@ -148,9 +166,8 @@ def _evaluate_chunk(cfg: SyntheticEvalConfig, cases: list[Case]) -> list[dict]:
 # ---- aggregation and reports --------------------------------------------------------------------
 def _summary(rows: list[dict]) -> dict:
     if not rows:
-        return {"subject_psnr": None, "context_psnr": None, "copy_rate": None, "n": 0}
-    return {"subject_psnr": float(np.nanmean([r["subject_psnr"] for r in rows])),  # nan: empty mask
-            "context_psnr": float(np.nanmean([r["context_psnr"] for r in rows])),
+        return {**dict.fromkeys(METRICS), "n": 0}
+    return {**{k: float(np.nanmean([r[k] for r in rows])) for k in METRICS[:3]},  # nan: empty region
             "copy_rate": float(np.mean([r["copied"] for r in rows])), "n": len(rows)}
 
 
@@ -173,14 +190,16 @@ def markdown(results: dict) -> str:
              f"{cfg['num_subjects']} held-out subjects, {cfg['num_demos']} demos each, context seed {cfg['seed']}, "
              f"{cfg['steps']} {cfg['scheduler']} steps, guidance text {cfg['guidance_text']} / subject "
              f"{cfg['guidance_subject']}. PSNR in dB against the exact render, inside (subject) and outside "
-             f"(context) its mask; copy rate: outputs > {COPY_MARGIN_DB} dB closer to a demo than to the truth "
+             f"(context) its mask, and outside the mask grown by 1/16 of the image (background); copy rate: outputs > {COPY_MARGIN_DB} dB closer to a demo than to the truth "
              f"(and >= {COPY_MIN_DB} dB from it).", "",
-             "| method | subject PSNR | context PSNR | copy rate | n |", "|---|---:|---:|---:|---:|"]
+             "| method | subject PSNR | context PSNR | background PSNR | copy rate | n |", "|---|" + "---:|" * 5]
     lines += [f"| {name} | {_cells(s)} | {s['n']} |" for name, s in methods.items()]
     suti, text = methods["suti"]["per_skill"], methods["text_only"]["per_skill"]
-    lines += ["", f"SuTI minus text-only: subject {diff['subject']:+.2f} dB, context {diff['context']:+.2f} dB.", "",
+    lines += ["", f"SuTI minus text-only: subject {diff['subject']:+.2f} dB, context {diff['context']:+.2f} dB, "
+              f"background {diff['background']:+.2f} dB.", "",
               "## Per skill of the target context (SuTI, then text-only)", "",
-              "| skill | n | subject | context | copy | subject | context | copy |", "|---|" + "---:|" * 7]
+              "| skill | n | subject | context | background | copy | subject | context | background | copy |",
+              "|---|" + "---:|" * 9]
     lines += [f"| {skill} | {suti[skill]['n']} | {_cells(suti[skill], text[skill])} |" for skill in suti]
     return "\n".join(lines) + "\n"
 
@@ -216,7 +235,8 @@ def evaluate_synthetic(cfg: SyntheticEvalConfig) -> dict:
     suti, text = methods["suti"], methods["text_only"]
     results = {"config": asdict(cfg), "methods": methods,
                "suti_minus_text_only_db": {"subject": suti["subject_psnr"] - text["subject_psnr"],
-                                           "context": suti["context_psnr"] - text["context_psnr"]}}
+                                           "context": suti["context_psnr"] - text["context_psnr"],
+                                           "background": suti["background_psnr"] - text["background_psnr"]}}
     with staged(cfg.out) as out:  # a local folder or a URI (uploaded once written)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "results.json"), "w") as f:

@@ -8,6 +8,7 @@ from PIL import Image
 
 from ray_suti.config import from_args
 from ray_suti.evaluate import SyntheticEvalConfig, evaluate_synthetic, is_copy, make_cases, psnr
+from ray_suti.evaluate.synthetic import background_mask
 from ray_suti.evaluate.cli import add_cli
 from ray_suti.world import Subject, heldout_seeds, render
 
@@ -29,11 +30,11 @@ def test_writes_results_for_every_method(run):
     assert saved["config"]["num_subjects"] == 4 and saved["config"]["checkpoint"] == "tiny-32"
     for method in METHODS:
         summary = saved["methods"][method]
-        for key in ("subject_psnr", "context_psnr", "copy_rate"):
+        for key in ("subject_psnr", "context_psnr", "background_psnr", "copy_rate"):
             assert isinstance(summary[key], float)
         assert summary["n"] == 4
         assert set(summary["per_skill"]) == {"recontext", "stylize", "recolor", "view", "accessorize", "composition"}
-    assert set(saved["suti_minus_text_only_db"]) == {"subject", "context"}
+    assert set(saved["suti_minus_text_only_db"]) == {"subject", "context", "background"}
     md = (out / "results.md").read_text()
     assert all(f"| {m} |" in md for m in METHODS) and "| composition |" in md
     sheet = Image.open(out / "contact_sheet.png")
@@ -80,6 +81,17 @@ def test_psnr():
     b[~mask] += 10  # differs only outside the mask
     assert psnr(a, b, mask) == 100.0
     assert psnr(a, b, ~mask) == pytest.approx(20 * np.log10(255 / 10))
+
+
+def test_background_leaves_out_a_band_around_the_subject():
+    mask = np.zeros((32, 32), bool)
+    mask[10:14, 20:22] = True
+    background = background_mask(mask)  # grown by 32 // 16 = 2 px
+    assert not background[8:16, 18:24].any() and background.sum() == 32 * 32 - 8 * 6
+    gt = np.full((32, 32, 3), 100, np.uint8)
+    spill = gt.copy()
+    spill[9, 20] = 200  # a wrong outline one pixel off the subject: context sees it, background not
+    assert psnr(spill, gt, ~mask) < 100 and psnr(spill, gt, background) == 100.0
 
 
 def _cli_config(*flags: str) -> SyntheticEvalConfig:

@@ -83,15 +83,17 @@ def test_psnr():
     assert psnr(a, b, ~mask) == pytest.approx(20 * np.log10(255 / 10))
 
 
-def test_background_leaves_out_a_band_around_the_subject():
+def test_background_leaves_out_the_box_around_the_subject():
     mask = np.zeros((32, 32), bool)
     mask[10:14, 20:22] = True
-    background = background_mask(mask)  # grown by 32 // 16 = 2 px
-    assert not background[8:16, 18:24].any() and background.sum() == 32 * 32 - 8 * 6
+    mask[13, 25] = True  # an L-shaped subject: its box is rows 10-13, columns 20-25
+    background = background_mask(mask)  # the box grown by 32 // 16 = 2 px
+    assert not background[8:16, 18:28].any() and background.sum() == 32 * 32 - 8 * 10
     gt = np.full((32, 32, 3), 100, np.uint8)
     spill = gt.copy()
-    spill[9, 20] = 200  # a wrong outline one pixel off the subject: context sees it, background not
+    spill[10, 24] = 200  # a wrong silhouette inside the subject's box: context sees it, background not
     assert psnr(spill, gt, ~mask) < 100 and psnr(spill, gt, background) == 100.0
+    assert background_mask(np.zeros((32, 32), bool)).all()  # no subject in view: all background
 
 
 def _cli_config(*flags: str) -> SyntheticEvalConfig:

@@ -1,12 +1,17 @@
-"""Per-image sampling time with 3 demos vs plain text-to-image sampling of the same UNet.
+"""Per-image sampling time of SuTI (3 demos) vs plain text-to-image sampling of the same UNet.
 
-Both use 25 DDIM steps and two guidance branches (SuTI with equal text and subject scales; plain
-sampling with text guidance). SuTI's time includes encoding the demos once. A three-branch SuTI
-row (separate scales) is printed too. Runs alternate and the median of each is reported.
+Rows, all 25 DDIM steps through ``SuTIPipeline.__call__``:
+  plain         no demos, text guidance (two UNet passes a step: what Stable Diffusion costs)
+  equal         SuTI, equal text and subject scales (two passes)
+  branches      SuTI, separate scales (3.0 / 2.0), three passes a step
+  interleaved   SuTI, separate scales, Re-Imagen's interleaved guidance (two passes a step)
+SuTI's times include encoding the demos once. The four run in turn, repeatedly, and the median of
+each is reported with its ratio to plain (goal: interleaved <= 1.15x).
 
-    .venv/bin/python bench/sampling_overhead.py [--presets tiny-32 tiny-64] [--repeats 5]
+    .venv/bin/python bench/sampling_overhead.py [--presets tiny-32 tiny-64] [--repeats 5] [--out docs/results/sampling-overhead.json]
 """
 import argparse
+import json
 import statistics
 import time
 
@@ -15,15 +20,7 @@ import torch
 from ray_suti import SuTIPipeline
 from ray_suti.world import Context, render
 
-
-def time_per_image(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+GOAL_INTERLEAVED = 1.15
 
 
 def main() -> None:
@@ -31,28 +28,39 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny-32", "tiny-64"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--out", default="docs/results/sampling-overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"{'preset':8} {'plain s/img':>11} {'SuTI 2-branch':>13} {'ratio':>6} {'SuTI 3-branch':>13} {'ratio':>6}")
+    results = {"steps": args.steps, "repeats": args.repeats, "goal_interleaved_vs_plain": GOAL_INTERLEAVED, "presets": {}}
+    print(f"{'preset':8} {'plain s/img':>11} " + " ".join(f"{m:>18}" for m in ("equal", "branches", "interleaved")))
     for name in args.presets:
         pipe = SuTIPipeline.from_preset(name)
         pipe.set_progress_bar_config(disable=True)
         demos = [render(7, Context(scene=s), 64)[0] for s in ("beach", "snow", "grass")]
-        prompt = "a toy on the beach"
-
-        def plain():
-            text = pipe.encode_prompt([prompt])
-            pipe.denoise(text, None, num_inference_steps=args.steps, guidance_scale_text=3.0,
-                         guidance_scale_subject=3.0, generator=torch.Generator().manual_seed(0))
-
-        def suti(subject_scale):
-            return lambda: pipe(prompt, demos, num_inference_steps=args.steps, guidance_scale_text=3.0,
-                                guidance_scale_subject=subject_scale, generator=torch.Generator().manual_seed(0))
-
-        t_plain = time_per_image(plain, args.repeats)
-        t_two = time_per_image(suti(3.0), args.repeats)
-        t_three = time_per_image(suti(2.0), args.repeats)
-        print(f"{name:8} {t_plain:11.3f} {t_two:13.3f} {t_two / t_plain:6.2f} {t_three:13.3f} {t_three / t_plain:6.2f}")
+        prompt, common = "a toy on the beach", dict(num_inference_steps=args.steps, output_type="latent")
+        runs = {
+            "plain": lambda: pipe(prompt, None, guidance_scale_text=3.0, **common),
+            "equal": lambda: pipe(prompt, demos, guidance_scale_text=3.0, guidance_scale_subject=3.0, **common),
+            "branches": lambda: pipe(prompt, demos, guidance_scale_text=3.0, guidance_scale_subject=2.0, **common),
+            "interleaved": lambda: pipe(prompt, demos, guidance_scale_text=3.0, guidance_scale_subject=2.0,
+                                        guidance_mode="interleaved", **common),
+        }
+        times = {k: [] for k in runs}
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(args.repeats):
+            for k, fn in runs.items():  # in turn, so drift hits every row alike
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+        median = {k: statistics.median(v) for k, v in times.items()}
+        ratios = {k: median[k] / median["plain"] for k in runs if k != "plain"}
+        results["presets"][name] = {"seconds_per_image": median, "ratio_to_plain": ratios,
+                                    "interleaved_meets_goal": ratios["interleaved"] <= GOAL_INTERLEAVED}
+        print(f"{name:8} {median['plain']:11.3f} " + " ".join(f"{median[k]:10.3f} ({ratios[k]:4.2f}x)" for k in ratios))
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -4,16 +4,17 @@ import torch
 import torch.fx.experimental._config as fxc
 fxc.meta_nonzero_assume_all_nonzero = True
 from ray_suti.model.presets import get_preset
-from ray_suti.model.unet import SuTIUNet
+from ray_suti.model.suti import SuTIModel
 
 cfg = get_preset("sd15")
 
 def saved_bytes(checkpointing: bool, B=2, K=3):
     with torch.device("meta"):
-        unet = SuTIUNet(base_config=cfg.unet, neighbour_levels=cfg.neighbour_levels,
-                        neighbour_heads=cfg.neighbour_heads, max_demos=cfg.max_demos).to(torch.bfloat16)
+        model = SuTIModel(cfg).to(torch.bfloat16)
+        unet = model  # forward(sample, t, text, demos)
+        unet.encode_demos = lambda images, text: model.suti.encode_demos(model.unet, images, text)
         if checkpointing:
-            unet.unet.enable_gradient_checkpointing()
+            model.unet.enable_gradient_checkpointing()
         unet.train()
         x = torch.randn(B, 4, 64, 64, dtype=torch.bfloat16); txt = torch.randn(B, 77, 768, dtype=torch.bfloat16)
         with torch.no_grad():

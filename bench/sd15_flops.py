@@ -4,12 +4,13 @@ import torch.fx.experimental._config as fxc
 fxc.meta_nonzero_assume_all_nonzero = True  # every example has demos
 from torch.utils.flop_counter import FlopCounterMode
 from ray_suti.model.presets import get_preset
-from ray_suti.model.unet import SuTIUNet
+from ray_suti.model.suti import SuTIModel
 
 cfg = get_preset("sd15")
 with torch.device("meta"):
-    unet = SuTIUNet(base_config=cfg.unet, neighbour_levels=cfg.neighbour_levels, neighbour_heads=cfg.neighbour_heads,
-                    max_demos=cfg.max_demos)
+    model = SuTIModel(cfg)
+    unet = model  # forward(sample, t, text, demos)
+    unet.encode_demos = lambda images, text: model.suti.encode_demos(model.unet, images, text)
     B, K = 1, 3
     x = torch.randn(B, 4, 64, 64); txt = torch.randn(B, 77, 768); t = torch.tensor([500])
     def count(fn):

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy, so `ray-suti world` does not import torch
-    if name in ("SuTIPipeline", "SuTIModel", "SuTIUNet", "DemoFeatures", "SuTIInputError"):
+    if name in ("SuTIPipeline", "SuTIModel", "SuTILayers", "DemoFeatures", "SuTIInputError"):
         from . import model
 
         return getattr(model, name)

@@ -110,12 +110,15 @@ def _demo(args: argparse.Namespace) -> int:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-def load_pipeline(checkpoint: str):
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def load_pipeline(checkpoint: str, torch_dtype=None):
     from .model import load_pipeline as load
 
     try:
-        return load(checkpoint)
-    except ValueError as e:
+        return load(checkpoint, torch_dtype=torch_dtype)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
 
 
@@ -139,12 +142,17 @@ def _generate(args: argparse.Namespace) -> int:
     from .model import SuTIInputError
 
     torch.set_num_threads(1)
-    pipe = load_pipeline(args.checkpoint).set_scheduler(args.scheduler)
-    photos = _subject_photos(args.subject, pipe.config.max_demos)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA GPU here")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    pipe = load_pipeline(args.checkpoint).set_scheduler(args.scheduler).to(args.device, dtype)
+    photos = _subject_photos(args.subject, pipe.max_demos)
     try:
-        out = pipe(args.prompt, photos, num_inference_steps=args.steps, guidance_scale_text=args.guidance_text,
-                   guidance_scale_subject=args.guidance_subject, num_images_per_prompt=args.num_images,
-                   generator=torch.Generator().manual_seed(args.seed), box=args.box, edges=args.edges,
+        out = pipe(args.prompt, photos, subject_captions=args.caption, num_inference_steps=args.steps,
+                   guidance_scale_text=args.guidance_text, guidance_scale_subject=args.guidance_subject,
+                   guidance_mode=args.guidance_mode, negative_prompt=args.negative_prompt,
+                   num_images_per_prompt=args.num_images,
+                   generator=torch.Generator(args.device).manual_seed(args.seed), box=args.box, edges=args.edges,
                    keypoints=None if args.keypoints is None else [args.keypoints[:2], args.keypoints[2:]])
     except SuTIInputError as e:
         raise SystemExit(f"error: {e}")
@@ -158,6 +166,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model.schedulers import GUIDANCE_MODES, SCHEDULER_NAMES
     from .world.crawl import WorldConfig
 
     parser = argparse.ArgumentParser(prog="ray-suti", description=__doc__)
@@ -208,8 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-text", type=float, default=1.5)
     p.add_argument("--guidance-subject", type=float, default=1.5)
+    p.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default="branches",
+                   help="branches: three UNet passes a step; interleaved: Re-Imagen's, two")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--caption", nargs="+", default=None, help="one caption per subject photo")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", metavar="SCHEDULER",
+                   help="ddim, dpm++, euler, euler-a, unipc, ... or a diffusers scheduler class name")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16/bf16 halve memory on a GPU")
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                    help="where and how large, as fractions of the image (checkpoints trained with controls)")
     p.add_argument("--keypoints", type=float, nargs=4, metavar=("TOP_X", "TOP_Y", "SIDE_X", "SIDE_Y"),
@@ -223,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="runs/subjects", help="folder or URI of registered subjects")
     p.add_argument("--max-replicas", type=int, default=2)
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")
-    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim",
-                   help="sampler (dpm++ with --steps 10 per request: same fidelity, 2.6x faster on tiny-32)")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", metavar="SCHEDULER",
+                   help="sampler, any allowed diffusers scheduler (dpm++ with --steps 10 per request: same fidelity, 2.6x faster on tiny-32)")
     p.set_defaults(func=_serve)
 
     from .evaluate.cli import add_cli as add_evaluate

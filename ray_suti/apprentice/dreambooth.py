@@ -66,6 +66,16 @@ class Expert:
     def __init__(self, pipe, class_word: str, cfg: DreamBoothConfig):
         self.pipe, self.class_word, self.cfg = pipe, class_word, cfg
 
+    def save_lora(self, path: str) -> None:
+        """This expert's LoRA in diffusers' format, for any pipeline's ``load_lora_weights(path)``."""
+        from diffusers import StableDiffusionPipeline
+        from peft import get_peft_model_state_dict
+
+        if self.cfg.full_finetune:
+            raise ValueError("a full fine-tune has no LoRA to save")
+        layers = get_peft_model_state_dict(self.pipe.unet)  # PEFT keys: what diffusers' loaders read back whole
+        StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers, safe_serialization=True)
+
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int, num_images_per_prompt: int = 1) -> np.ndarray:
         """-> (len(prompts) * num_images_per_prompt, H, W, 3) float in [0, 1]."""
@@ -85,10 +95,10 @@ def dreambooth_expert(pipe, photos: list, captions: list[str] | None, class_word
     base weights (LoRA adapter removed, or the full fine-tune's weights put back)."""
     if not photos:
         raise ValueError("DreamBooth needs at least one photo")
-    model, unet = pipe.model, pipe.model.unet.unet  # the diffusers UNet inside SuTIUNet
+    model, unet = pipe.model, pipe.unet
     device = pipe.device
     captions = list(captions or [""] * len(photos))
-    images = subject_tensor(photos, pipe.config.image_size).to(device)  # (N, 3, H, W) in [-1, 1]
+    images = subject_tensor(photos, pipe.image_size).to(device)  # (N, 3, H, W) in [-1, 1]
     ids = pipe.tokenize([with_identifier(c, class_word, cfg.identifier) for c in captions])
     generator = torch.Generator(device).manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -92,7 +92,7 @@ def _evaluate_chunk(cfg: ControlsEvalConfig, cases: list[dict]) -> list[dict]:
     torch.set_num_threads(1)
     pipe = load_pipeline(cfg.checkpoint)
     pipe.set_progress_bar_config(disable=True)
-    size, records = pipe.config.image_size, []
+    size, records = pipe.image_size, []
     for case in cases:
         demos = [render(case["subject_seed"], c, size)[0] for c in case["demos"]]
         gt, mask = render(case["subject_seed"], case["target"], size)
@@ -182,7 +182,7 @@ def evaluate_controls(cfg: ControlsEvalConfig) -> dict:
     from ..utils.storage import staged
 
     cfg = replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
-    missing = {c for s in cfg.subsets for c in SUBSETS[s]} - set(load_pipeline(cfg.checkpoint).config.controls)
+    missing = {c for s in cfg.subsets for c in SUBSETS[s]} - set(load_pipeline(cfg.checkpoint).controls)
     if missing:  # fail here, not in every task
         raise ValueError(f"{cfg.checkpoint} was not trained with controls {sorted(missing)} "
                          "(train with --controls, or pass --subsets none)")

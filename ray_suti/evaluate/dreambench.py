@@ -173,7 +173,7 @@ def _evaluate_subject(cfg: DreamBenchConfig, subject: BenchSubject, templates: d
             photos.append(load_image(read_bytes(path)))
         except Exception as e:
             raise ValueError(f"{path}: {e}") from None
-    demos, size = photos[:cfg.num_demos], pipe.config.image_size
+    demos, size = photos[:cfg.num_demos], pipe.image_size
     prompts = subject_prompts(subject, templates, cfg.num_prompts)
     sampling = dict(num_inference_steps=cfg.steps, guidance_scale_text=cfg.guidance_text, output_type="np")
 

@@ -39,7 +39,9 @@ class SyntheticEvalConfig:
     steps: int = field(default=25, metadata={"help": "sampling steps"})
     guidance_text: float = field(default=1.5, metadata={"help": "text guidance scale"})
     guidance_subject: float = field(default=1.5, metadata={"help": "subject guidance scale"})
-    scheduler: str = field(default="ddim", metadata={"help": "sampler: ddim or dpm++"})
+    scheduler: str = field(default="ddim", metadata={"help": "sampler: ddim, dpm++, euler-a, ... (model/schedulers.py)"})
+    guidance_mode: str = field(default="branches", metadata={"help": "branches (three UNet passes a step) or "
+                                                                       "interleaved (Re-Imagen's, two)"})
     chunk_size: int = field(default=25, metadata={"help": "subjects per Ray task (each task loads the model once)"})
     sheet_rows: int = field(default=12, metadata={"help": "cases shown in contact_sheet.png"})
 
@@ -49,6 +51,10 @@ class SyntheticEvalConfig:
             raise ValueError(f"num_demos must be in [1, {len(SCENES) - 1}], got {self.num_demos}")
         if self.num_subjects < 1 or self.chunk_size < 1 or self.steps < 1:
             raise ValueError("num_subjects, chunk_size and steps must be positive")
+        from ..model.schedulers import GUIDANCE_MODES
+
+        if self.guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance_mode must be one of {', '.join(GUIDANCE_MODES)}, got {self.guidance_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -124,17 +130,17 @@ def _to_uint8(image01: np.ndarray) -> np.ndarray:
 def _evaluate_case(pipe, cfg: SyntheticEvalConfig, case: Case) -> dict:
     import torch
 
-    size = pipe.config.image_size  # demos and ground truth at the model's own resolution
+    size = pipe.image_size  # demos and ground truth at the model's own resolution
     demos = [render(case.subject_seed, c, size)[0] for c in case.demos]
     gt, mask = render(case.subject_seed, case.target, size)
     sampling = dict(num_inference_steps=cfg.steps, guidance_scale_text=cfg.guidance_text,
                     guidance_scale_subject=cfg.guidance_subject)
+    suti_sampling = dict(sampling, guidance_mode=cfg.guidance_mode)
     suti = pipe(case.prompt, demos, list(case.captions), generator=torch.Generator().manual_seed(case.seed),
-                output_type="np", **sampling).images[0]
+                output_type="np", **suti_sampling).images[0]
     # Same model, same seed, no demos: what the prompt alone gives.
-    x = pipe.denoise(pipe.encode_prompt([case.prompt]), None, generator=torch.Generator().manual_seed(case.seed),
-                     **sampling)
-    text_only = (pipe.model.from_model_space(x).float()[0] / 2 + 0.5).permute(1, 2, 0).cpu().numpy()
+    text_only = pipe(case.prompt, None, generator=torch.Generator().manual_seed(case.seed), output_type="np",
+                     **sampling).images[0]
     outputs = {"suti": _to_uint8(suti), "text_only": _to_uint8(text_only), "copy_demo": demos[0]}
     record = {
         "index": case.index, "subject_seed": case.subject_seed, "prompt": case.prompt, "skills": case.target.skills,
@@ -183,7 +189,7 @@ def markdown(results: dict) -> str:
     cfg, methods, diff = results["config"], results["methods"], results["suti_minus_text_only_db"]
     lines = [f"# Synthetic held-out evaluation: `{cfg['checkpoint']}`", "",
              f"{cfg['num_subjects']} held-out subjects, {cfg['num_demos']} demos each, context seed {cfg['seed']}, "
-             f"{cfg['steps']} {cfg['scheduler']} steps, guidance text {cfg['guidance_text']} / subject "
+             f"{cfg['steps']} {cfg['scheduler']} steps ({cfg.get('guidance_mode', 'branches')} guidance), guidance text {cfg['guidance_text']} / subject "
              f"{cfg['guidance_subject']}. PSNR in dB against the exact render, inside (subject) and outside "
              f"(context) its mask, and outside the box around the mask grown by 1/16 of the image (background); copy rate: outputs > {COPY_MARGIN_DB} dB closer to a demo than to the truth "
              f"(and >= {COPY_MIN_DB} dB from it).", "",
@@ -212,13 +218,13 @@ def _contact_sheet(records: list[dict], num_demos: int):
 
 def evaluate_synthetic(cfg: SyntheticEvalConfig) -> dict:
     """Runs every case as Ray tasks of ``chunk_size`` subjects; writes and returns the results."""
-    from ..model.pipeline import SCHEDULERS, resolve_checkpoint
+    from ..model.pipeline import resolve_checkpoint
+    from ..model.schedulers import scheduler_class
     from ..utils.storage import staged
     from ..utils.ray_utils import run_sharded
 
     # Fail here, not inside every task.
-    if cfg.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    scheduler_class(cfg.scheduler)
     cfg = replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
     cases = make_cases(cfg)
     chunks = [cases[i:i + cfg.chunk_size] for i in range(0, len(cases), cfg.chunk_size)]

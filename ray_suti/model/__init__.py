@@ -1,10 +1,15 @@
-"""The SuTI model: a diffusers UNet that also attends to demonstrations of a subject."""
+"""The SuTI model: a plain diffusers UNet, and SuTI layers that let it attend to demonstrations."""
+import diffusers
+
 from .inputs import SuTIInputError, load_image
+from .layers import DemoFeatures, NeighbourAttention, SuTIAttnProcessor, SuTILayers
 from .pipeline import SuTIPipeline, SuTIPipelineOutput, load_pipeline
 from .presets import PRESETS, SuTIConfig, get_preset
 from .suti import SuTIModel
-from .unet import DemoFeatures, NeighbourAttention, SuTIUNet
 
-__all__ = ["PRESETS", "DemoFeatures", "NeighbourAttention", "SuTIConfig", "SuTIInputError", "SuTIModel",
-           "SuTIPipeline", "SuTIPipelineOutput", "SuTIUNet", "get_preset", "load_image",
+# So that `DiffusionPipeline.from_pretrained(folder)` finds the class a SuTI model_index.json names.
+setattr(diffusers, "SuTIPipeline", SuTIPipeline)
+
+__all__ = ["PRESETS", "DemoFeatures", "NeighbourAttention", "SuTIAttnProcessor", "SuTIConfig", "SuTIInputError",
+           "SuTILayers", "SuTIModel", "SuTIPipeline", "SuTIPipelineOutput", "get_preset", "load_image",
            "load_pipeline"]

@@ -1,6 +1,8 @@
 """Normalising the photos users send (documented in the README, "Subject photos").
 
-Any of: a path, bytes, a PIL image or a uint8 array. Steps, in order:
+Any of: a path, bytes, a PIL image, a numpy array ((H, W, C) uint8, or float in [0, 1]) or a torch
+tensor ((C, H, W) float in [0, 1]); a batch of photos may also come as one (N, H, W, C) array or
+(N, C, H, W) tensor, diffusers' ``PipelineImageInput``. Steps, in order:
 1. refuse images above ``MAX_PIXELS`` (decompression bombs) or with a side under ``MIN_SIDE`` px;
 2. apply the EXIF orientation, so phone photos stand upright;
 3. convert to 8-bit RGB: transparency (RGBA, LA, palette with transparency) is composited on white;
@@ -25,11 +27,28 @@ class SuTIInputError(ValueError):
     """A request the model cannot serve: the message says what to change."""
 
 
+def _array_image(a: np.ndarray) -> Image.Image:
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.dtype != np.uint8:
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise SuTIInputError("float image arrays must hold values in [0, 1]")
+        a = np.round(a * 255).astype(np.uint8)
+    try:
+        return Image.fromarray(a)
+    except TypeError as e:
+        raise SuTIInputError(f"not an image array: shape {a.shape}, dtype {a.dtype} ({e})") from None
+
+
 def _open(src) -> Image.Image:
     if isinstance(src, Image.Image):
         return src
+    if isinstance(src, torch.Tensor):
+        if src.dim() != 3:
+            raise SuTIInputError(f"an image tensor is (C, H, W), got shape {tuple(src.shape)}")
+        return _array_image(src.detach().float().permute(1, 2, 0).cpu().numpy())
     if isinstance(src, np.ndarray):
-        return Image.fromarray(src)
+        return _array_image(src)
     try:
         if isinstance(src, (bytes, bytearray)):
             return Image.open(io.BytesIO(src))
@@ -65,6 +84,16 @@ def load_image(src) -> Image.Image:
         return _to_8bit_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data surfaces here
         raise SuTIInputError(f"image data is corrupt: {e}") from None
+
+
+def subject_list(images) -> list:
+    """PipelineImageInput -> a list: one photo, a list of photos, a (N, ...) batch array or tensor,
+    or (per prompt) a list of such lists."""
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        return [subject_list(x) if isinstance(x, (list, tuple)) else x for x in images]
+    return [images]
 
 
 def square(img: Image.Image, size: int) -> Image.Image:

@@ -1,39 +1,48 @@
-"""SuTIPipeline: subject photos + prompt -> images, in the manner of a diffusers pipeline.
+"""SuTIPipeline: subject photos + prompt -> images, as a diffusers ``DiffusionPipeline``.
 
-Sampling uses a diffusers scheduler (DDIM by default, DPM-Solver++ via ``set_scheduler``) and
-three-branch classifier-free guidance with separate text and subject scales:
+Components: ``unet`` (a plain ``UNet2DConditionModel``), ``text_encoder``, ``tokenizer``,
+``scheduler`` (any of diffusers', schedulers.py), ``vae`` (latent models), ``suti`` (the SuTI layers,
+attached to the UNet as attention processors, layers.py) and, optionally, a diffusers ``controlnet``
+(or several) and a T2I ``adapter``. A saved pipeline is a diffusers folder (``model_index.json``);
+a latent one is also a Stable Diffusion folder that ``StableDiffusionPipeline`` loads (text-only).
+
+Guidance has separate text and subject scales. ``guidance_mode="branches"`` runs three branches
+each step,
 
     pred = u + s_subject * (s - u) + s_text * (f - s)
     u = (no text, no demos)   s = (no text, demos)   f = (text, demos)
 
-Branches whose weight is zero are not computed: ``s_subject == 1`` drops ``u``, and
-``s_subject == s_text`` drops ``s``, so equal scales cost what ordinary text guidance costs. Demo
-features are computed once per call and shared by every step and branch.
+dropping those whose weight is zero (``s_subject == 1`` drops ``u``, equal scales drop ``s``).
+``guidance_mode="interleaved"`` is Re-Imagen's: even steps guide on text, ``s + s_text * (f - s)``,
+odd steps on the subject, ``t + s_subject * (f - t)`` with ``t = (text, no demos)``, so separate
+scales cost two UNet passes a step. Demo features, their keys and values, and control features are
+computed once per call and shared by every step and branch.
 """
 from __future__ import annotations
 
-import json
+import inspect
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..utils.storage import local_copy, staged
+from . import loading
 from .controls import KEYPOINT_NAMES, Controls, batch_controls, rasterize
-from .inputs import SuTIInputError, load_image, subject_tensor
-from .presets import SuTIConfig, get_preset
-from .suti import SuTIModel
-from .tokenizer import clip_tokenizer
-from .unet import DemoFeatures, SuTIUNet
+from .inputs import SuTIInputError, load_image, subject_list, subject_tensor
+from .layers import DemoFeatures, SuTILayers
+from .presets import SuTIConfig
+from .schedulers import GUIDANCE_MODES, make_scheduler, switch_scheduler
+from .suti import SuTIModel, denoiser_forward
 
-SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 MAX_STEPS = 1000
 
 
@@ -42,190 +51,166 @@ class SuTIPipelineOutput(BaseOutput):
     images: list | np.ndarray | torch.Tensor
 
 
-def _scheduler_kwargs(name: str, config: SuTIConfig) -> dict:
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
-    if name == "ddim":
-        return dict(clip_sample=not config.latent, set_alpha_to_one=False)
-    return dict(algorithm_type="dpmsolver++", solver_order=2)
-
-
-def make_scheduler(name: str, config: SuTIConfig):
-    return SCHEDULERS[name](num_train_timesteps=1000, beta_schedule=config.beta_schedule,
-                            prediction_type=config.prediction_type, timestep_spacing="trailing",
-                            **_scheduler_kwargs(name, config))
-
-
-def guidance_branches(text_scale: float, subject_scale: float, with_demos: bool) -> list[tuple[float, bool, bool]]:
-    """(weight, use_text, use_demos) of each branch that contributes."""
-    if with_demos:
-        raw = [(text_scale, True, True), (subject_scale - text_scale, False, True), (1 - subject_scale, False, False)]
-    else:
+def guidance_branches(text_scale: float, subject_scale: float, with_demos: bool, mode: str = "branches",
+                      step: int = 0) -> list[tuple[float, bool, bool]]:
+    """(weight, use_text, use_demos) of each branch that contributes at denoising step ``step``."""
+    if not with_demos:
         raw = [(text_scale, True, False), (1 - text_scale, False, False)]
+    elif mode == "branches":
+        raw = [(text_scale, True, True), (subject_scale - text_scale, False, True), (1 - subject_scale, False, False)]
+    elif step % 2 == 0:  # interleaved: text guidance on even steps
+        raw = [(text_scale, True, True), (1 - text_scale, False, True)]
+    else:  # and subject guidance on odd ones
+        raw = [(subject_scale, True, True), (1 - subject_scale, True, False)]
     return [b for b in raw if b[0] != 0]
 
 
-class SuTIPipeline:
-    def __init__(self, model: SuTIModel, tokenizer: CLIPTokenizer, scheduler=None):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.scheduler = scheduler or make_scheduler("ddim", model.config)
-        self._progress_kwargs: dict = {}
+class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae", "suti", "controlnet", "adapter"]
+    _exclude_from_cpu_offload = ["suti"]  # its layers run inside the UNet's forward
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    # ---- construction and persistence -----------------------------------------------------
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler,
+                 suti: SuTILayers | None = None, vae: AutoencoderKL | None = None, controlnet=None, adapter=None):
+        super().__init__()
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(controlnet)
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                              suti=suti, vae=vae, controlnet=controlnet, adapter=adapter)
+        if suti is not None:
+            suti.attach(unet)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.control_image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True,
+                                                         do_normalize=False)
+        self._model = None
+
+    # ---- what the components make together ---------------------------------------------------
     @property
-    def config(self) -> SuTIConfig:
-        return self.model.config
+    def suti_config(self) -> SuTIConfig:
+        return loading.suti_config_of(self)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.unet.parameters()).device
+    def model(self) -> SuTIModel:
+        """The components as one trainable module (shares their weights)."""
+        parts = (self.unet, self.suti, self.text_encoder, self.vae)
+        if self._model is None or any(a is not b for a, b in zip(self._model.parts, parts)):
+            if self.suti is None:
+                raise ValueError("this pipeline has no SuTI layers; load_suti_adapter() first")
+            self._model = SuTIModel(self.suti_config, self.unet, self.suti, self.text_encoder, self.vae)
+        return self._model
 
-    def to(self, device=None, dtype=None) -> "SuTIPipeline":
-        self.model.to(device=device, dtype=dtype)
-        return self
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
 
+    @property
+    def max_demos(self) -> int:
+        return self.suti.config.max_demos if self.suti is not None else 0
+
+    @property
+    def controls(self) -> tuple:
+        return tuple(self.suti.config.controls) if self.suti is not None else ()
+
+    # ---- construction and persistence (loading.py does the work) ----------------------------
     @classmethod
     def from_preset(cls, name: str, seed: int = 0) -> "SuTIPipeline":
-        """An untrained pipeline of a named preset (``tiny-32``, ``tiny-64``, ``sd15``)."""
-        config = get_preset(name)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = SuTIModel(config)
-        return cls(model, clip_tokenizer(config.max_text_len))
+        """An untrained pipeline of a named preset (``tiny-32``, ``tiny-64``, ``tiny-latent``, ``sd15``)."""
+        return cls.from_model(loading.model_from_preset(name, seed))
 
     @classmethod
-    def from_base(cls, path: str, neighbour_levels: tuple = (1, 2), neighbour_heads: int = 8,
-                  max_demos: int = 5) -> "SuTIPipeline":
-        """Any diffusers Stable Diffusion 1.x/2.x folder (local or a URI) -> SuTI with fresh neighbour layers."""
-        path = local_copy(path)
-        base = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
-        text_encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
-        sched = DDIMScheduler.load_config(path, subfolder="scheduler")
-        tc = text_encoder.config
-        text = {k: getattr(tc, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                            "num_attention_heads", "max_position_embeddings", "hidden_act",
-                                            "bos_token_id", "eos_token_id")}
-        text["pad_token_id"] = tokenizer.pad_token_id
-        unet_cfg = {k: v for k, v in base.config.items() if not k.startswith("_")}
-        config = SuTIConfig(
-            name=f"base:{os.path.basename(os.path.normpath(path))}",
-            image_size=base.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1),
-            unet=unet_cfg, text=text, vae={k: v for k, v in vae.config.items() if not k.startswith("_")},
-            vae_scaling_factor=vae.config.scaling_factor, neighbour_levels=tuple(neighbour_levels),
-            neighbour_heads=neighbour_heads, max_demos=max_demos,
-            prediction_type=sched.get("prediction_type", "epsilon"),
-            beta_schedule=sched.get("beta_schedule", "scaled_linear"),
-        )
-        unet = SuTIUNet(base_config=unet_cfg, neighbour_levels=config.neighbour_levels, neighbour_heads=neighbour_heads,
-                        max_demos=max_demos)
-        unet.unet.load_state_dict(base.state_dict())
-        return cls(SuTIModel(config, unet, text_encoder, vae), tokenizer)
+    def from_model(cls, model: SuTIModel, scheduler=None) -> "SuTIPipeline":
+        from .tokenizer import clip_tokenizer
 
-    def save_pretrained(self, path: str) -> None:
-        """A folder of safetensors weights and JSON configs; nothing pickled. ``path``: local or a URI."""
-        with staged(path) as local:
-            self._save_folder(local)
+        return cls(unet=model.unet, text_encoder=model.text_encoder, tokenizer=clip_tokenizer(model.config.max_text_len),
+                   scheduler=scheduler or make_scheduler("ddim", model.config), suti=model.suti, vae=model.vae)
 
-    def _save_folder(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
-        self.model.unet.save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
-        self.model.text_encoder.save_pretrained(os.path.join(path, "text_encoder"), safe_serialization=True)
-        if self.model.vae is not None:
-            self.model.vae.save_pretrained(os.path.join(path, "vae"), safe_serialization=True)
-        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-        self.scheduler.save_pretrained(os.path.join(path, "scheduler"))
-        with open(os.path.join(path, "suti.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
+    @classmethod
+    def from_base(cls, path: str, adapter: str | None = None, torch_dtype=None, **suti_options) -> "SuTIPipeline":
+        """Any diffusers Stable Diffusion 1.x/2.x folder (local or a URI) -> SuTI: the layers of the
+        ``adapter`` file, or fresh ones shaped by ``suti_options`` (neighbour_levels, neighbour_heads,
+        max_demos, ...)."""
+        return loading.from_base(cls, path, adapter, torch_dtype, suti_options)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SuTIPipeline":
+        """A folder written by ``save_pretrained`` (local, a URI, or a hub id), or a single
+        ``.safetensors`` file from ``save_single_file``: safetensors only, never unpickles."""
+        return loading.from_pretrained(cls, str(pretrained_model_name_or_path), kwargs,
+                                       super(SuTIPipeline, cls).from_pretrained.__func__)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """A diffusers folder (``model_index.json`` + components, safetensors); local or a URI."""
+        from ..utils.storage import staged
+
+        kwargs.setdefault("safe_serialization", True)
+        with staged(str(save_directory)) as local:
+            super().save_pretrained(local, **kwargs)
 
     def save_single_file(self, path: str, metadata: dict | None = None, dtype=torch.float16) -> None:
         """Every trainable weight in one .safetensors file, the config in its metadata (pixel presets;
         the small committed checkpoints use this). ``path``: local or a URI."""
-        from safetensors.torch import save_file
-
-        if self.model.vae is not None:
-            raise ValueError("single-file export is for pixel presets; use save_pretrained for latent models")
-        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.model.state_dict().items()}
-        meta = {"suti_config": json.dumps(self.config.to_dict()), **{k: str(v) for k, v in (metadata or {}).items()}}
-        with staged(path) as local:
-            save_file(tensors, local + ".tmp", metadata=meta)
-            os.replace(local + ".tmp", local)
+        loading.save_single_file(self, path, metadata, dtype)
 
     @classmethod
-    def from_single_file(cls, path: str) -> "SuTIPipeline":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(path, framework="pt") as f:
-            config = SuTIConfig.from_dict(json.loads(f.metadata()["suti_config"]))
-        model = SuTIModel(config)
-        state = {k: v.float() for k, v in load_file(path).items()}
-        model.load_state_dict(state)
-        return cls(model, clip_tokenizer(config.max_text_len))
+    def from_single_file(cls, path: str, torch_dtype=None) -> "SuTIPipeline":
+        return loading.from_single_file(cls, path, torch_dtype)
 
     @staticmethod
     def single_file_metadata(path: str) -> dict:
-        from safetensors import safe_open
+        return loading.single_file_metadata(path)
 
-        with safe_open(local_copy(path), framework="pt") as f:
-            return dict(f.metadata())
-
-    @classmethod
-    def from_pretrained(cls, path: str, torch_dtype: torch.dtype | None = None) -> "SuTIPipeline":
-        """Loads a folder written by ``save_pretrained`` (or a single file from ``save_single_file``):
-        safetensors only, never unpickles. ``path``: local or a URI (fetched once into a local cache)."""
-        path = local_copy(path)
-        if os.path.isfile(path) and path.endswith(".safetensors"):
-            return cls.from_single_file(path)
-        with open(os.path.join(path, "suti.json")) as f:
-            config = SuTIConfig.from_dict(json.load(f))
-        unet = SuTIUNet.from_pretrained(os.path.join(path, "unet"), use_safetensors=True, torch_dtype=torch_dtype)
-        text_encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), use_safetensors=True,
-                                                     dtype=torch_dtype)
-        vae = None
-        if config.latent:
-            vae = AutoencoderKL.from_pretrained(os.path.join(path, "vae"), use_safetensors=True, torch_dtype=torch_dtype)
-        sched_cfg = DDIMScheduler.load_config(os.path.join(path, "scheduler"))
-        by_class = {c.__name__: c for c in SCHEDULERS.values()}
-        if sched_cfg.get("_class_name") not in by_class:
-            raise ValueError(f"unsupported scheduler {sched_cfg.get('_class_name')!r} in {path}")
-        scheduler = by_class[sched_cfg["_class_name"]].from_config(sched_cfg)
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
-        return cls(SuTIModel(config, unet, text_encoder, vae), tokenizer, scheduler)
-
-    def set_scheduler(self, name: str) -> "SuTIPipeline":
-        """Switch sampler ("ddim" or "dpm++"), keeping the noise schedule the model was trained with."""
-        kwargs = _scheduler_kwargs(name, self.config)  # refuses unknown names
-        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config, **kwargs)
+    def load_suti_adapter(self, path: str) -> "SuTIPipeline":
+        """SuTI layers from an adapter file (``save_suti_adapter``) onto this pipeline's UNet."""
+        layers = SuTILayers.from_adapter(path)
+        layers.check_unet(self.unet)
+        self.register_modules(suti=layers.to(self.unet.device, self.unet.dtype))
+        layers.attach(self.unet)
         return self
 
-    # ---- progress --------------------------------------------------------------------------
-    def set_progress_bar_config(self, **kwargs) -> None:
-        self._progress_kwargs = kwargs
+    def save_suti_adapter(self, path: str, dtype=torch.float16) -> None:
+        """The SuTI layers alone (neighbour attention and control encoders) as one safetensors file."""
+        if self.suti is None:
+            raise ValueError("this pipeline has no SuTI layers to save")
+        self.suti.save_adapter(path, dtype)
 
-    def progress_bar(self, iterable):
-        return tqdm(iterable, **{"desc": "sampling", "leave": False, **self._progress_kwargs})
+    def unload_suti_adapter(self) -> "SuTIPipeline":
+        SuTILayers.detach(self.unet)
+        self.register_modules(suti=None)
+        return self
 
-    # ---- encoding --------------------------------------------------------------------------
+    def set_scheduler(self, name: str) -> "SuTIPipeline":
+        """Switch sampler (an allowed name, schedulers.py), keeping the trained noise schedule."""
+        self.scheduler = switch_scheduler(self.scheduler, name, self.vae is not None)
+        return self
+
+    # ---- encoding ----------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(texts, padding="max_length", max_length=self.config.max_text_len, truncation=True,
-                              return_tensors="pt").input_ids.to(self.device)
+        return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(self._execution_device)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenize(prompts))
+        """(B,) prompts -> (B, L, D) text-encoder states."""
+        return self.text_encoder(input_ids=self.tokenize(prompts)).last_hidden_state
+
+    def _onload_unet(self) -> None:
+        # The demo pass calls the UNet's blocks, not its forward: move it as model offload would.
+        hook = getattr(self.unet, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self.unet)
 
     def _demo_inputs(self, subjects: list[list], captions: list[list[str]] | None):
-        """Per-example photo lists -> padded (B, K, 3, H, W), caption ids (B, K, L), valid (B, K)."""
-        k_max, size = max(len(s) for s in subjects), self.config.image_size
+        """Per-example photo lists -> padded (B, K, 3, H, W) in [-1, 1], caption ids (B, K, L), valid (B, K)."""
+        if self.suti is None:
+            raise SuTIInputError("this pipeline has no SuTI layers (load_suti_adapter first); it draws text only")
+        k_max, size = max(len(s) for s in subjects), self.image_size
         images = torch.zeros(len(subjects), k_max, 3, size, size)
         valid = torch.zeros(len(subjects), k_max, dtype=torch.bool)
         texts = []
         for i, photos in enumerate(subjects):
-            if not 1 <= len(photos) <= self.config.max_demos:
-                raise SuTIInputError(f"give 1 to {self.config.max_demos} subject images, got {len(photos)}")
+            if not 1 <= len(photos) <= self.max_demos:
+                raise SuTIInputError(f"give 1 to {self.max_demos} subject images, got {len(photos)}")
             images[i, : len(photos)] = subject_tensor(photos, size)
             valid[i, : len(photos)] = True
             caps = list(captions[i]) if captions is not None else []
@@ -233,15 +218,26 @@ class SuTIPipeline:
                 raise SuTIInputError(f"{len(caps)} captions for {len(photos)} subject images")
             texts += [str(c) for c in caps] + [""] * (k_max - len(caps))
         ids = self.tokenize(texts).view(len(subjects), k_max, -1)
-        dtype = next(self.model.unet.parameters()).dtype
-        return images.to(self.device, dtype), ids, valid.to(self.device)
+        device = self._execution_device
+        return images.to(device, self.unet.dtype), ids, valid.to(device)
 
     @torch.no_grad()
-    def encode_subject(self, images: list, captions: list[str] | None = None) -> DemoFeatures:
-        """One subject's photos -> demo features to reuse across requests (what Serve caches)."""
-        return self.model.encode_demos(*self._demo_inputs([list(images)], None if captions is None else [captions]))
+    def encode_demos(self, images: torch.Tensor, caption_ids: torch.Tensor, valid: torch.Tensor) -> DemoFeatures:
+        """(B, K, 3, H, W) in [-1, 1], (B, K, L), (B, K) -> demo features in the UNet's dtype."""
+        b, k = images.shape[:2]
+        text = self.text_encoder(input_ids=caption_ids.flatten(0, 1)).last_hidden_state.unflatten(0, (b, k))
+        x = images.flatten(0, 1)
+        if self.vae is not None:
+            x = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor
+        self._onload_unet()
+        return self.suti.encode_demos(self.unet, x.to(self.unet.dtype).unflatten(0, (b, k)), text.to(self.unet.dtype),
+                                      valid)
 
-    # ---- sampling --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_subject(self, images, captions: list[str] | None = None) -> DemoFeatures:
+        """One subject's photos -> demo features to reuse across requests (what Serve caches)."""
+        return self.encode_demos(*self._demo_inputs([subject_list(images)], None if captions is None else [captions]))
+
     def prepare_controls(self, b: int, box=None, keypoints=None, edges=None) -> Controls | None:
         """Each control: None, one value for every prompt, or a list with one value (or None) per
         prompt -> the batch's rasterised Controls (None when no prompt has any)."""
@@ -250,115 +246,247 @@ class SuTIPipeline:
         for name, value in given.items():
             if value is None:
                 continue
-            if name not in self.config.controls:
+            if name not in self.controls:
                 raise SuTIInputError(f"this checkpoint has no {name!r} control (it has: "
-                                     f"{', '.join(self.config.controls) or 'none'})")
+                                     f"{', '.join(self.controls) or 'none'})")
             values = value if _per_prompt(name, value) else [value] * b
             if len(values) != b:
                 raise SuTIInputError(f"{len(values)} {name} values for {b} prompts")
             for row, v in zip(rows, values):
                 if v is not None:
-                    row.update(rasterize(self.config.image_size, device=self.device, **{name: _check_control(name, v)}))
-        return batch_controls(rows, self.config.image_size, self.device)
+                    row.update(rasterize(self.image_size, device=self._execution_device,
+                                         **{name: _check_control(name, v)}))
+        return batch_controls(rows, self.image_size, self._execution_device)
 
+    def prepare_extra_step_kwargs(self, generator, eta):
+        """eta (DDIM) and the generator (ancestral and SDE samplers), for schedulers that take them."""
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
+
+    def _condition_images(self, image, n: int, height: int, dtype) -> torch.Tensor:
+        """A control image (or one per prompt) -> (n, 3, H, W) in [0, 1] on the execution device."""
+        x = self.control_image_processor.preprocess(image, height=height, width=height).to(torch.float32)
+        if x.shape[0] == 1:
+            x = x.repeat(n, 1, 1, 1)
+        elif n % x.shape[0] == 0:
+            x = x.repeat_interleave(n // x.shape[0], 0)
+        else:
+            raise SuTIInputError(f"{x.shape[0]} control images for {n} images")
+        return x.to(self._execution_device, dtype)
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def num_timesteps(self) -> int:
+        return getattr(self, "_num_timesteps", 0)
+
+    # ---- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, text: torch.Tensor, demos: DemoFeatures | None, *, num_inference_steps: int,
-                guidance_scale_text: float, guidance_scale_subject: float, generator=None,
-                demo_inputs: tuple | None = None, controls: Controls | None = None) -> torch.Tensor:
-        """text (B, L, D); demos for B examples (or ``demo_inputs`` to re-encode them at every step
-        and branch, the uncached reference); controls of B rows (every guidance branch keeps them,
-        as ControlNet does) -> clean samples in model space (B, C, h, w)."""
-        b = text.shape[0]
-        null = self.model.encode_text(self.model.null_prompt_ids(b, text.device))
-        with_demos = demos is not None or demo_inputs is not None
-        branches = guidance_branches(guidance_scale_text, guidance_scale_subject, with_demos)
-        branch_text = torch.cat([text if use_text else null for _, use_text, _ in branches])
-        unet_cfg = self.model.unet.unet.config
-        shape = (b, unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=text.dtype)
-        latents = latents * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        def branch_demos() -> DemoFeatures | None:  # one DemoFeatures for all branches of a step
-            if not with_demos:
-                return None
-            parts = []
-            for _, _, use_demos in branches:
-                feats = demos if demo_inputs is None else self.model.encode_demos(*demo_inputs)
-                parts.append(feats.with_valid(torch.full((b,), use_demos, device=self.device)))
-            return DemoFeatures.cat(parts)
-
-        shared = branch_demos() if demo_inputs is None else None  # reused by every step
-        residuals = self.model.unet.encode_controls(None if controls is None else controls.tile(len(branches)),
-                                                    text.dtype)  # once per request, like the demo features
-        for t in self.progress_bar(self.scheduler.timesteps):
-            step_demos = shared if demo_inputs is None else branch_demos()
-            x = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
-            preds = self.model(x, t, branch_text, step_demos, residuals).chunk(len(branches))
-            pred = sum(w * p for (w, _, _), p in zip(branches, preds))
-            latents = self.scheduler.step(pred, t, latents).prev_sample
-        return latents
-
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str], subject_images, subject_captions=None,
-                 num_inference_steps: int = 25, guidance_scale_text: float = 1.5,
-                 guidance_scale_subject: float = 1.5, generator=None, num_images_per_prompt: int = 1,
-                 output_type: str = "pil", cache_demo_features: bool = True, box=None, keypoints=None,
-                 edges=None) -> SuTIPipelineOutput:
+    def __call__(self, prompt: str | list[str] | None = None, subject_images=None, subject_captions=None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 25,
+                 guidance_scale_text: float = 1.5, guidance_scale_subject: float = 1.5,
+                 guidance_mode: str = "branches", negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1, eta: float = 0.0, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
+                 box=None, keypoints=None, edges=None, control_image=None, controlnet_conditioning_scale=1.0,
+                 control_guidance_start=0.0, control_guidance_end=1.0, adapter_image=None,
+                 adapter_conditioning_scale: float = 1.0, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), cache_demo_features: bool = True):
         """Draw the subject of ``subject_images`` as ``prompt`` describes.
 
-        prompt: one prompt or a list. subject_images: the photos of one subject (paths, bytes, PIL
-        images or arrays), one list of photos per prompt, ``DemoFeatures`` from ``encode_subject``,
-        or None for plain text-to-image. subject_captions: optional captions, shaped like the photos.
-        Spatial controls (any subset, for checkpoints trained with them; see controls.py), each one
-        value for every prompt or a list of one per prompt (None where absent): ``box`` (x0, y0, x1,
-        y1), ``keypoints`` ((x, y) of the subject's top, (x, y) of its right-hand side), both as
-        fractions of the image; ``edges``, an outline image (bright lines on dark) or (H, W) array.
+        prompt: one prompt or a list (or ``prompt_embeds`` (B, L, D)). subject_images: the photos of
+        one subject (paths, bytes, PIL images, arrays or tensors: diffusers' ``PipelineImageInput``),
+        one list of photos per prompt, ``DemoFeatures`` from ``encode_subject``, or None for plain
+        text-to-image. subject_captions: optional captions, shaped like the photos. Spatial controls
+        with the model's own encoders (checkpoints trained with them; controls.py), each one value
+        for every prompt or a list of one per prompt (None where absent): ``box`` (x0, y0, x1, y1),
+        ``keypoints`` ((x, y) of the subject's top, (x, y) of its right-hand side), as fractions of
+        the image; ``edges``, an outline image or (H, W) array. ``control_image`` feeds the
+        pipeline's ``controlnet`` (a list for several), ``adapter_image`` its T2I ``adapter``.
+        Returns ``SuTIPipelineOutput(images)`` (or a tuple with ``return_dict=False``).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise SuTIInputError("prompt must be a non-empty string (or a list of them)")
+        # 0. Check inputs
+        size = self.image_size
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+            if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+                raise SuTIInputError("prompt must be a non-empty string (or a list of them)")
+            b = len(prompts)
+        else:
+            b = prompt_embeds.shape[0]
         if not (isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= MAX_STEPS):
             raise SuTIInputError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}]")
         if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):
             raise SuTIInputError("num_images_per_prompt must be a positive integer")
-        if output_type not in ("pil", "np", "pt"):
-            raise SuTIInputError("output_type must be 'pil', 'np' or 'pt'")
-        b = len(prompts)
-        controls = self.prepare_controls(b, box, keypoints, edges)
-        if controls is not None and num_images_per_prompt > 1:
-            controls = controls.repeat(num_images_per_prompt)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise SuTIInputError("output_type must be 'pil', 'np', 'pt' or 'latent'")
+        if guidance_mode not in GUIDANCE_MODES:
+            raise SuTIInputError(f"guidance_mode must be one of {', '.join(GUIDANCE_MODES)}")
+        if (height or size) != size or (width or size) != size:
+            raise SuTIInputError(f"this model draws {size}x{size} images (its demos are encoded at that size)")
+        bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad:
+            raise SuTIInputError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}")
+        if control_image is not None and self.controlnet is None:
+            raise SuTIInputError("control_image needs a pipeline with a controlnet")
+        if adapter_image is not None and self.adapter is None:
+            raise SuTIInputError("adapter_image needs a pipeline with a T2I adapter")
 
-        demo_inputs, demos = None, None
-        if subject_images is None:  # plain text-to-image: the base model (and DreamBooth experts)
-            pass
-        elif isinstance(subject_images, DemoFeatures):
-            demos = subject_images if subject_images.batch_size == b else subject_images.repeat(b)
-        else:
-            photos = list(subject_images or [])
+        # 1. Define call parameters
+        device, n, dtype = self._execution_device, num_images_per_prompt, self.unet.dtype
+        rows = b * n
+        self._interrupt = False
+
+        # 2. Encode the prompt and the negative prompt ("" by default: the unconditional text)
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompts)
+        if negative_prompt_embeds is None:
+            negatives = [negative_prompt or ""] * b if not isinstance(negative_prompt, list) else negative_prompt
+            if len(negatives) != b:
+                raise SuTIInputError(f"{len(negatives)} negative prompts for {b} prompts")
+            negative_prompt_embeds = self.encode_prompt(negatives)
+        prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(n, 0)
+        negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(n, 0)
+
+        # 3. Encode the subject: demo features once per call (or at every step, the uncached reference)
+        demos, demo_inputs = None, None
+        if isinstance(subject_images, DemoFeatures):
+            if subject_images.batch_size not in (1, b, rows):
+                raise SuTIInputError(f"demo features for {subject_images.batch_size} examples, {b} prompts")
+            demos = subject_images if subject_images.batch_size in (b, rows) else subject_images.repeat(b)
+        elif subject_images is not None:
+            photos = subject_list(subject_images)
             per_prompt = bool(photos) and all(isinstance(p, (list, tuple)) for p in photos)
             subjects = photos if per_prompt else [photos] * b
             captions = subject_captions if (subject_captions is None or per_prompt) else [subject_captions] * b
             if len(subjects) != b:
                 raise SuTIInputError(f"{len(subjects)} subject photo lists for {b} prompts")
-            demo_inputs = self._demo_inputs(subjects, captions)
-            if num_images_per_prompt > 1:
-                demo_inputs = tuple(t.repeat_interleave(num_images_per_prompt, 0) for t in demo_inputs)
+            demo_inputs = tuple(t.repeat_interleave(n, 0) for t in self._demo_inputs(subjects, captions))
             if cache_demo_features:
-                demos, demo_inputs = self.model.encode_demos(*demo_inputs), None
-        if demos is not None and num_images_per_prompt > 1 and demos.batch_size == b:
-            demos = demos.repeat(num_images_per_prompt)
+                demos, demo_inputs = self.encode_demos(*demo_inputs), None
+        if demos is not None and demos.batch_size == b and n > 1:
+            demos = demos.repeat(n)
+        with_demos = demos is not None or demo_inputs is not None
 
-        text = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, 0)
-        latents = self.denoise(text, demos, num_inference_steps=num_inference_steps,
-                               guidance_scale_text=guidance_scale_text, guidance_scale_subject=guidance_scale_subject,
-                               generator=generator, demo_inputs=demo_inputs, controls=controls)
-        images = (self.model.from_model_space(latents).float() / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return SuTIPipelineOutput(images=images)
-        array = images.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "np":
-            return SuTIPipelineOutput(images=array)
-        return SuTIPipelineOutput(images=[Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in array])
+        # 4. Encode the controls: the model's own encoders, ControlNet and T2I-Adapter conditions
+        controls = self.prepare_controls(b, box, keypoints, edges)
+        controls = controls.repeat(n) if controls is not None and n > 1 else controls
+        control = self._prepare_controlnet(control_image, rows, size, controlnet_conditioning_scale,
+                                           control_guidance_start, control_guidance_end, num_inference_steps)
+        adapter_state = None
+        if adapter_image is not None and adapter_conditioning_scale != 0:  # once per call, added in the down blocks
+            cond = self._condition_images(adapter_image, rows, size, self.adapter.dtype)
+            adapter_state = [s.to(dtype) * adapter_conditioning_scale for s in self.adapter(cond)]
+
+        # 5. Prepare timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+
+        # 6. Prepare latents
+        shape = (rows, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        elif tuple(latents.shape) != shape:
+            raise SuTIInputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
+
+        # 7. Prepare extra step kwargs, and each guidance branch set's step-independent inputs
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        prepared: dict = {}
+
+        def branch_inputs(branches):
+            key = tuple((t, d) for _, t, d in branches)
+            if key in prepared and demo_inputs is None:
+                return prepared[key]
+            text = torch.cat([prompt_embeds if use_text else negative_prompt_embeds for _, use_text, _ in branches])
+            kv = None
+            if with_demos:
+                feats = demos if demo_inputs is None else self.encode_demos(*demo_inputs)
+                both = DemoFeatures.cat([feats.with_valid(torch.full((rows,), d, device=device)) for _, _, d in branches])
+                kv = self.suti.neighbour_inputs(both, dtype)
+            residuals = self.suti.encode_controls(None if controls is None else controls.tile(len(branches)), dtype) \
+                if self.suti is not None else None
+            prepared[key] = text, kv, residuals
+            return prepared[key]
+
+        # 8. Denoising loop
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                branches = guidance_branches(guidance_scale_text, guidance_scale_subject, with_demos, guidance_mode, i)
+                text, kv, residuals = branch_inputs(branches)
+                m = len(branches)
+                x = self.scheduler.scale_model_input(torch.cat([latents] * m), t)
+                unet_kwargs = {"cross_attention_kwargs": cross_attention_kwargs}
+                if control is not None:
+                    unet_kwargs.update(self._controlnet_residuals(control, x, t, text, i, m))
+                if adapter_state is not None:
+                    unet_kwargs["down_intrablock_additional_residuals"] = [s.repeat(m, 1, 1, 1) for s in adapter_state]
+                preds = denoiser_forward(self.unet, x, t, text, kv, residuals, **unet_kwargs).chunk(m)
+                pred = sum(w * p for (w, _, _), p in zip(branches, preds))
+                latents = self.scheduler.step(pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "prompt_embeds": prompt_embeds,
+                             "negative_prompt_embeds": negative_prompt_embeds}
+                    out = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}) or {}
+                    latents = out.pop("latents", latents)
+                    if "prompt_embeds" in out or "negative_prompt_embeds" in out:
+                        prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = out.pop("negative_prompt_embeds", negative_prompt_embeds)
+                        prepared.clear()
+                progress.update()
+
+        # 9. Decode and post-process
+        if output_type == "latent":
+            images = latents
+        else:
+            x = latents
+            if self.vae is not None:
+                x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+            images = (x.float() / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+                if output_type == "pil":
+                    images = [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in images]
+        self.maybe_free_model_hooks()
+        return SuTIPipelineOutput(images=images) if return_dict else (images,)
+
+    # ---- ControlNet --------------------------------------------------------------------------
+    def _prepare_controlnet(self, image, rows, size, scale, start, end, steps):
+        """-> (condition images (rows, 3, H, W) or a list, scales, per-step keep) or None."""
+        if image is None:
+            return None
+        multi = isinstance(self.controlnet, MultiControlNetModel)
+        count = len(self.controlnet.nets) if multi else 1
+        images = image if multi else [image]
+        if len(images) != count:
+            raise SuTIInputError(f"{len(images)} control images for {count} controlnets")
+        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * count
+        starts = list(start) if isinstance(start, (list, tuple)) else [start] * count
+        ends = list(end) if isinstance(end, (list, tuple)) else [end] * count
+        if not (len(scales) == len(starts) == len(ends) == count):
+            raise SuTIInputError(f"give one controlnet_conditioning_scale / control_guidance_start / end per controlnet")
+        if any(not 0 <= s < e <= 1 for s, e in zip(starts, ends)):
+            raise SuTIInputError("control_guidance_start must be below control_guidance_end, both in [0, 1]")
+        conds = [self._condition_images(im, rows, size, self.controlnet.dtype) for im in images]
+        keep = [[1.0 - float(i / steps < s or (i + 1) / steps > e) for s, e in zip(starts, ends)] for i in range(steps)]
+        return conds, scales, keep, multi
+
+    def _controlnet_residuals(self, control, x, t, text, step: int, branches: int) -> dict:
+        conds, scales, keep, multi = control
+        step_scales = [s * k for s, k in zip(scales, keep[step])]
+        if all(s == 0 for s in step_scales):  # off at this step: exactly the model without it
+            return {}
+        conds = [c.repeat(branches, 1, 1, 1) for c in conds]
+        down, mid = self.controlnet(x, t, encoder_hidden_states=text, controlnet_cond=conds if multi else conds[0],
+                                    conditioning_scale=step_scales if multi else step_scales[0], return_dict=False)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
 def _per_prompt(name: str, value) -> bool:
@@ -395,30 +523,14 @@ def _check_control(name: str, value):
     return arr
 
 
-def resolve_checkpoint(checkpoint: str) -> str:
-    """Checks a checkpoint argument before any work starts -> a preset name, a URI or an absolute
-    local path (Ray tasks and replicas need not share the driver's working directory)."""
-    from ..utils import storage
-    from .presets import PRESETS
-
-    if checkpoint in PRESETS:
-        return checkpoint
-    if not ((checkpoint.endswith(".safetensors") and storage.is_file(checkpoint))
-            or storage.is_file(storage.join(checkpoint, "suti.json"))):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} is neither a preset ({', '.join(PRESETS)}) nor a saved "
-                                "model (a .safetensors file or a save_pretrained folder)")
-    return checkpoint if storage.is_uri(checkpoint) else os.path.abspath(checkpoint)
+resolve_checkpoint = loading.resolve_checkpoint
 
 
-def load_pipeline(checkpoint: str) -> SuTIPipeline:
+def load_pipeline(checkpoint: str, torch_dtype=None) -> SuTIPipeline:
     """A preset name (untrained: noise, but every path runs), a ``save_pretrained`` folder, or a
     single ``.safetensors`` file; local or a URI (s3://..., fetched once into a local cache)."""
     from .presets import PRESETS
 
     if checkpoint in PRESETS:
         return SuTIPipeline.from_preset(checkpoint)
-    checkpoint = local_copy(checkpoint)
-    if os.path.isfile(os.path.join(checkpoint, "suti.json")) or (
-            os.path.isfile(checkpoint) and checkpoint.endswith(".safetensors")):
-        return SuTIPipeline.from_pretrained(checkpoint)
-    raise ValueError(f"{checkpoint!r} is neither a preset ({', '.join(PRESETS)}) nor a saved checkpoint")
+    return SuTIPipeline.from_pretrained(checkpoint, torch_dtype=torch_dtype)

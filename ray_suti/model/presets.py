@@ -1,8 +1,10 @@
 """Named model presets, nanoGPT-style: ``PRESETS["tiny-32"]`` etc.
 
-Pixel presets (``tiny-*``) have no VAE and train from scratch on a laptop CPU; ``sd15`` is Stable
-Diffusion 1.5's architecture (latent, 512 px), built untrained by ``from_preset`` and filled with
-real weights by ``SuTIPipeline.from_base(path)``.
+Pixel presets (``tiny-32``, ``tiny-64``) have no VAE and train from scratch on a laptop CPU;
+``tiny-latent`` is the smallest latent model (a tiny VAE), so every latent path (Stable Diffusion
+folders, VAE encoding of demos) runs on a CPU; ``sd15`` is Stable Diffusion 1.5's architecture
+(latent, 512 px), built untrained by ``from_preset`` and filled with real weights by
+``SuTIPipeline.from_base(path)``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ class SuTIConfig:
     vae_scaling_factor: float = 0.18215
     neighbour_levels: tuple = (1, 2)  # UNet levels (0 = full resolution) that look at demos
     neighbour_heads: int = 4
-    neighbour_cosine: bool = False  # cosine neighbour attention with a learnt temperature (unet.py)
+    neighbour_cosine: bool = False  # cosine neighbour attention with a learnt temperature (layers.py)
     max_demos: int = 5
     controls: tuple = ()  # spatial controls with their own encoders: "box", "keypoints", "edges"
     prediction_type: str = "v_prediction"
@@ -69,6 +71,19 @@ PRESETS: dict[str, SuTIConfig] = {
     # 64 px: levels 64/32/16/8; demos are attended at 16x16 and 8x8.
     "tiny-64": SuTIConfig("tiny-64", 64, _tiny_unet(64, (32, 64, 128, 128), 64), _tiny_text(64),
                           neighbour_levels=(2, 3), neighbour_heads=2),
+    # 64 px through a tiny VAE (factor 4) to 16x16x4 latents: levels 16/8/4; demos attended at 8x8 and 4x4.
+    "tiny-latent": SuTIConfig(
+        "tiny-latent", 64,
+        unet=dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  layers_per_block=1, cross_attention_dim=64, attention_head_dim=2, norm_num_groups=16),
+        text=_tiny_text(64),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64),
+                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                 layers_per_block=1, norm_num_groups=16, sample_size=64),
+        neighbour_levels=(1, 2), neighbour_heads=2, prediction_type="epsilon", beta_schedule="scaled_linear",
+    ),
     # Stable Diffusion 1.5 (latent 64x64 at 512 px); demos attended at 32x32 and 16x16 latents.
     "sd15": SuTIConfig(
         "sd15", 512,

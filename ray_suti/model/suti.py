@@ -1,4 +1,8 @@
-"""SuTIModel: the trainable whole (text encoder + SuTIUNet + optional frozen VAE) and its loss.
+"""SuTIModel: the trainable whole (text encoder + UNet + SuTI layers + optional frozen VAE) and its loss.
+
+The pipeline's components, held together for training (DeepSpeed wraps one module) and for the
+steps that use several of them at once. The UNet is a plain ``UNet2DConditionModel`` with the SuTI
+layers attached as attention processors (layers.py).
 
 Images enter in [-1, 1]. Pixel presets work on them directly; latent presets go through the VAE
 (deterministic mean for demos and targets). Text and demos are dropped independently in training
@@ -8,24 +12,50 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .controls import Controls
+from .layers import DemoFeatures, SuTILayers
 from .presets import SuTIConfig
-from .unet import DemoFeatures, SuTIUNet
+
+
+def suti_layers_for(config: SuTIConfig, unet: UNet2DConditionModel) -> SuTILayers:
+    return SuTILayers.for_unet(unet, neighbour_levels=tuple(config.neighbour_levels),
+                               neighbour_heads=config.neighbour_heads, neighbour_cosine=config.neighbour_cosine,
+                               max_demos=config.max_demos, controls=tuple(config.controls),
+                               image_size=config.image_size, name=config.name)
+
+
+def denoiser_forward(unet: UNet2DConditionModel, sample: torch.Tensor, timestep, text: torch.Tensor,
+                     neighbour_inputs: dict | None = None, control_residuals: tuple | None = None,
+                     cross_attention_kwargs: dict | None = None, down_block_additional_residuals=None,
+                     mid_block_additional_residual=None, **unet_kwargs) -> torch.Tensor:
+    """One UNet pass with SuTI's per-call inputs: the demo keys and values (``suti.neighbour_inputs``)
+    and the control encoders' residuals, summed with any ControlNet's -> prediction (B, C, H, W)."""
+    down, mid = down_block_additional_residuals, mid_block_additional_residual
+    if control_residuals is not None:
+        ours, our_mid = [r.to(sample.dtype) for r in control_residuals[0]], control_residuals[1].to(sample.dtype)
+        down = ours if down is None else [a + b for a, b in zip(ours, down)]
+        mid = our_mid if mid is None else our_mid + mid
+    if down is not None:
+        unet_kwargs.update(down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+    kwargs = dict(cross_attention_kwargs or {})
+    if neighbour_inputs is not None:
+        kwargs["suti"] = neighbour_inputs
+    return unet(sample, timestep, encoder_hidden_states=text, cross_attention_kwargs=kwargs or None,
+                return_dict=False, **unet_kwargs)[0]
 
 
 class SuTIModel(nn.Module):
-    def __init__(self, config: SuTIConfig, unet: SuTIUNet | None = None, text_encoder: CLIPTextModel | None = None,
-                 vae: AutoencoderKL | None = None):
+    def __init__(self, config: SuTIConfig, unet: UNet2DConditionModel | None = None, suti: SuTILayers | None = None,
+                 text_encoder: CLIPTextModel | None = None, vae: AutoencoderKL | None = None):
         super().__init__()
         self.config = config
-        self.unet = unet or SuTIUNet(base_config=config.unet, neighbour_levels=config.neighbour_levels,
-                                     neighbour_heads=config.neighbour_heads, max_demos=config.max_demos,
-                                     neighbour_cosine=config.neighbour_cosine, controls=config.controls,
-                                     image_size=config.image_size)
+        self.unet = unet or UNet2DConditionModel(**{k: v for k, v in config.unet.items() if not k.startswith("_")})
+        self.suti = suti if suti is not None else suti_layers_for(config, self.unet)
+        self.suti.attach(self.unet)
         self.text_encoder = text_encoder or CLIPTextModel(CLIPTextConfig(**config.text))
         self.vae = vae if vae is not None else (AutoencoderKL(**config.vae) if config.latent else None)
         if self.vae is not None:
@@ -61,11 +91,19 @@ class SuTIModel(nn.Module):
         b, k = images.shape[:2]
         x = self.to_model_space(images.flatten(0, 1)).unflatten(0, (b, k))
         text = self.encode_text(caption_ids.flatten(0, 1)).unflatten(0, (b, k))
-        return self.unet.encode_demos(x, text, valid)
+        return self.suti.encode_demos(self.unet, x, text, valid)
 
     def forward(self, sample, timestep, text: torch.Tensor, demos: DemoFeatures | None = None,
                 control_residuals: tuple | None = None) -> torch.Tensor:
-        return self.unet(sample, timestep, text, demos, control_residuals)
+        """sample (B, C, H, W), text (B, L, D), demos and control residuals of B rows -> prediction (B, C, H, W)."""
+        if demos is not None and demos.batch_size != sample.shape[0]:
+            raise ValueError(f"demo features for {demos.batch_size} examples, sample has {sample.shape[0]}")
+        neighbour_inputs = self.suti.neighbour_inputs(demos, sample.dtype)
+        return denoiser_forward(self.unet, sample, timestep, text, neighbour_inputs, control_residuals)
+
+    @property
+    def parts(self) -> tuple:
+        return self.unet, self.suti, self.text_encoder, self.vae
 
     # ---- training ------------------------------------------------------------------------------
     def noise_scheduler(self) -> DDPMScheduler:
@@ -97,7 +135,7 @@ class SuTIModel(nn.Module):
             if "drop_demos" in batch:
                 demos = demos.with_valid(~batch["drop_demos"])
             demos = demos.repeat(r) if r > 1 else demos
-        residuals = self.unet.encode_controls(Controls.from_batch(batch), target.dtype)
+        residuals = self.suti.encode_controls(Controls.from_batch(batch), target.dtype)
         if residuals is not None and r > 1:
             residuals = ([t.repeat_interleave(r, 0) for t in residuals[0]], residuals[1].repeat_interleave(r, 0))
         text = self.encode_text(prompt_ids).repeat_interleave(r, 0)

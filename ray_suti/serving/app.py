@@ -27,6 +27,7 @@ import json
 import os
 import time
 from collections import OrderedDict
+from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -55,6 +56,8 @@ class GenerateRequest(BaseModel):
     steps: int = Field(default=25, ge=1, le=100)
     guidance_text: float = Field(default=1.5, ge=0.0, le=20.0)
     guidance_subject: float = Field(default=1.5, ge=0.0, le=20.0)
+    guidance_mode: Literal["branches", "interleaved"] = Field(
+        default="branches", description="interleaved: Re-Imagen's guidance, two UNet passes a step instead of three")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="same seed, same image")
     box: list[float] | None = Field(default=None, min_length=4, max_length=4,
                                     description="where and how large: [x0, y0, x1, y1], fractions of the image")
@@ -141,8 +144,8 @@ class Generator:
         return feats
 
     def info(self) -> dict:
-        return {"preset": self.pipe.config.name, "checkpoint": self.checkpoint, "checkpoint_id": self.checkpoint_id,
-                "controls": list(self.pipe.config.controls), "scheduler": type(self.pipe.scheduler).__name__,
+        return {"preset": self.pipe.suti_config.name, "checkpoint": self.checkpoint, "checkpoint_id": self.checkpoint_id,
+                "controls": list(self.pipe.controls), "scheduler": type(self.pipe.scheduler).__name__,
                 "cache_entries": len(self.cache), **self.stats}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
@@ -170,19 +173,20 @@ class Generator:
         groups: dict = {}
         for i, job in enumerate(jobs):
             if results[i] is None:
-                groups.setdefault((job["steps"], job["guidance_text"], job["guidance_subject"]), []).append(i)
-        for (steps, g_text, g_subject), members in groups.items():
+                key = (job["steps"], job["guidance_text"], job["guidance_subject"], job.get("guidance_mode", "branches"))
+                groups.setdefault(key, []).append(i)
+        for settings, members in groups.items():
             for i, images, seconds in self._sample([jobs[i] for i in members], [feats[i] for i in members],
-                                                   steps, g_text, g_subject, members):
+                                                   settings, members):
                 results[i] = {"status": 200, "images": images, "seconds": seconds, "batch_rows": len(members)}
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
         return results
 
-    def _sample(self, jobs, feats, steps, g_text, g_subject, indices):
+    def _sample(self, jobs, feats, settings, indices):
         import torch
 
-        from ..model.unet import DemoFeatures
+        from ..model.layers import DemoFeatures
 
         t0 = time.perf_counter()
         k = max(f.valid.shape[1] for f in feats)
@@ -194,8 +198,9 @@ class Generator:
         for c in CONTROLS:
             rows = [job.get(c) for job in jobs for _ in range(job["num_images"])]
             controls[c] = rows if any(v is not None for v in rows) else None
+        steps, g_text, g_subject, mode = settings
         out = self.pipe(prompts, demos, num_inference_steps=steps, guidance_scale_text=g_text,
-                        guidance_scale_subject=g_subject, generator=generators, output_type="np",
+                        guidance_scale_subject=g_subject, guidance_mode=mode, generator=generators, output_type="np",
                         **controls).images
         seconds = time.perf_counter() - t0
         start = 0
@@ -208,7 +213,7 @@ def pad_demos(feats, k: int):
     """DemoFeatures with K demos -> k >= K demos, the extra ones switched off (exact: masked keys)."""
     import torch
 
-    from ..model.unet import DemoFeatures
+    from ..model.layers import DemoFeatures
 
     b, have = feats.valid.shape
     if have == k:
@@ -355,6 +360,7 @@ class Ingress:
             return _error(406, "image/png holds one image: ask for num_images 1, or JSON")
         job = {"prompt": req.prompt, "num_images": req.num_images, "steps": req.steps,
                "guidance_text": float(req.guidance_text), "guidance_subject": float(req.guidance_subject),
+               "guidance_mode": req.guidance_mode,
                "seed": req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1}
         if req.subject_id is not None:
             if not self.store.exists(req.subject_id):
@@ -395,12 +401,12 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
     SUTI_API_TOKEN) makes every API route but /healthz require ``Authorization: Bearer <token>``.
     ``scheduler`` "dpm++" with ~10 steps per request is 2.6x faster than DDIM 25 at the same
     fidelity on tiny-32 (bench/personalize_vs_dreambooth.py)."""
-    from ..model.pipeline import SCHEDULERS, resolve_checkpoint
+    from ..model.pipeline import resolve_checkpoint
+    from ..model.schedulers import scheduler_class
     from ..utils.storage import is_uri
 
     checkpoint = resolve_checkpoint(checkpoint)  # a preset, a URI or an absolute path
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    scheduler_class(scheduler)  # refuses names outside diffusers' allow-listed schedulers
     store = store if is_uri(store) else os.path.abspath(store)  # shared storage: every replica sees every subject
     generator = Generator.options(
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,

@@ -36,11 +36,14 @@ class TrainConfig:
     controls: tuple[str, ...] = field(default=(), metadata={"help": "spatial controls to train (box keypoints edges); "
                                                                     "added to a checkpoint without them"})
     control_drop: float = field(default=0.5, metadata={"help": "probability of dropping each control (every subset is learnt)"})
+    adapter_only: bool = field(default=False, metadata={"help": "train only the SuTI layers, the base model frozen "
+                                                                  "(IP-Adapter's recipe); pair with --export-adapter"})
+    export_adapter: str = field(default="", metadata={"help": "also write the SuTI layers alone as an adapter file"})
     controls_only: bool = field(default=False, metadata={"help": "train only the control encoders (the model without "
                                                                    "controls stays exactly as it was)"})
     max_demos: int = field(default=3, metadata={"help": "most demos per example in training"})
     high_noise_frac: float = field(default=0.0, metadata={"help": "fraction of timesteps drawn from the noisier half (where demos matter)"})
-    neighbour_cosine: bool = field(default=False, metadata={"help": "cosine neighbour attention (switches a checkpoint over; see model/unet.py)"})
+    neighbour_cosine: bool = field(default=False, metadata={"help": "cosine neighbour attention (switches a checkpoint over; see model/layers.py)"})
     demo_grad: bool = field(default=False, metadata={"help": "backpropagate through the demo encoding"})
     train_text_encoder: bool = field(default=True, metadata={"help": "train the text encoder (pixel presets)"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
@@ -62,6 +65,8 @@ class TrainConfig:
 
         if set(self.controls) - set(CONTROL_CHANNELS):
             raise ValueError(f"controls must be among {list(CONTROL_CHANNELS)}, got {list(self.controls)}")
+        if self.adapter_only and self.mode != "suti":
+            raise ValueError("adapter_only trains the SuTI layers, in suti mode")
         if self.controls_only and not self.controls:
             raise ValueError("controls_only needs --controls")
         if self.controls and self.mode != "suti":

@@ -116,6 +116,8 @@ def train_local(cfg: TrainConfig, loader_workers: int = 4, command: str = "", ma
     if cfg.export_file:
         pipe.save_single_file(cfg.export_file, metadata={"step": step, "mode": cfg.mode, "command": command,
                                                          "train_config": json.dumps(asdict(cfg))})
+    if cfg.export_adapter:
+        pipe.save_suti_adapter(cfg.export_adapter)
     return {"step": step}
 
 

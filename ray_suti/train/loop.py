@@ -33,21 +33,24 @@ def start_pipeline(cfg: TrainConfig):
     from ..model import SuTIModel, SuTIPipeline
 
     pipe = SuTIPipeline.from_pretrained(cfg.init_from) if cfg.init_from else SuTIPipeline.from_preset(cfg.preset, seed=cfg.seed)
-    if cfg.neighbour_cosine and not pipe.config.neighbour_cosine:
+    config = pipe.suti_config
+    if cfg.neighbour_cosine and not config.neighbour_cosine:
         # Switch to cosine neighbour attention: every weight carries over, the temperatures start fresh.
-        model = SuTIModel(dataclasses.replace(pipe.config, neighbour_cosine=True))
+        model = SuTIModel(dataclasses.replace(config, neighbour_cosine=True), pipe.unet, text_encoder=pipe.text_encoder,
+                          vae=pipe.vae)
         missing, unexpected = model.load_state_dict(pipe.model.state_dict(), strict=False)
         if unexpected or any(not k.endswith("logit_scale") for k in missing):
             raise ValueError(f"cannot switch {cfg.init_from or cfg.preset} to cosine attention: {missing} {unexpected}")
-        pipe.model = model
-    if set(cfg.controls) - set(pipe.config.controls):
+        pipe = SuTIPipeline.from_model(model, pipe.scheduler)
+    if set(cfg.controls) - set(pipe.controls):
         # New control encoders: every weight carries over, the encoders start as exact no-ops.
-        names = tuple(dict.fromkeys(pipe.config.controls + tuple(cfg.controls)))
-        model = SuTIModel(dataclasses.replace(pipe.config, controls=names))
+        names = tuple(dict.fromkeys(pipe.controls + tuple(cfg.controls)))
+        model = SuTIModel(dataclasses.replace(pipe.suti_config, controls=names), pipe.unet,
+                          text_encoder=pipe.text_encoder, vae=pipe.vae)
         missing, unexpected = model.load_state_dict(pipe.model.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("unet.control_encoders.") for k in missing):
+        if unexpected or any(not k.startswith("suti.control_encoders.") for k in missing):
             raise ValueError(f"cannot add controls to {cfg.init_from or cfg.preset}: {missing} {unexpected}")
-        pipe.model = model
+        pipe = SuTIPipeline.from_model(model, pipe.scheduler)
     return pipe
 
 
@@ -115,15 +118,17 @@ def trainable_groups(model, cfg: TrainConfig) -> tuple[list, list[dict]]:
     """(named trainable parameters, optimizer groups): new neighbour layers at ``new_lr``, the rest at
     ``base_lr``; pretraining leaves the neighbour layers out, latent models freeze the text encoder."""
     if cfg.mode == "pretrain":
-        model.unet.neighbours.requires_grad_(False)
-        model.unet.control_encoders.requires_grad_(False)
+        model.suti.requires_grad_(False)
     if not cfg.train_text_encoder or model.config.latent:
         model.text_encoder.requires_grad_(False)
+    if cfg.adapter_only:  # IP-Adapter's recipe: the base model frozen, only the SuTI layers learn
+        model.requires_grad_(False)
+        model.suti.requires_grad_(True)
     if cfg.controls_only:  # ControlNet-style: everything else frozen
         model.requires_grad_(False)
-        model.unet.control_encoders.requires_grad_(True)
+        model.suti.control_encoders.requires_grad_(True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_new = lambda n: n.startswith(("unet.neighbours.", "unet.control_encoders."))  # noqa: E731
+    is_new = lambda n: n.startswith("suti.")  # noqa: E731
     new = [p for n, p in named if is_new(n)]
     old = [p for n, p in named if not is_new(n)]
     groups = [g for g in ({"params": old, "lr": cfg.base_lr, "initial_lr": cfg.base_lr},
@@ -198,7 +203,9 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             weights, ema, state = load_checkpoint(d)
-        model.load_state_dict(weights, strict=False)
+        from ..model.loading import upgrade_keys
+
+        model.load_state_dict(upgrade_keys(weights), strict=False)
         step = state["step"]
     resumed_from = step
 

@@ -17,7 +17,7 @@ def _storage(path: str) -> str:
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute: Ray Train workers run in another working directory, where
     ``--init-from checkpoints/x.safetensors`` would not be found. URIs are left alone."""
-    fields = ("data", "init_from", "resume_from", "storage_path", "export", "export_file")
+    fields = ("data", "init_from", "resume_from", "storage_path", "export", "export_file", "export_adapter")
     return replace(cfg, **{f: _storage(getattr(cfg, f)) for f in fields if getattr(cfg, f)})
 
 
@@ -30,12 +30,16 @@ def export_checkpoint(checkpoint_dir: str, cfg: TrainConfig, command: str = "") 
     weights, ema, state = load_checkpoint(checkpoint_dir)
     pipe = start_pipeline(cfg)
     model_state = {**weights, **ema}
-    pipe.model.load_state_dict(model_state, strict=False)
+    from ..model.loading import upgrade_keys
+
+    pipe.model.load_state_dict(upgrade_keys(model_state), strict=False)
     if cfg.export:
         pipe.save_pretrained(cfg.export)
     if cfg.export_file:
         pipe.save_single_file(cfg.export_file, metadata={"step": state["step"], "mode": cfg.mode, "command": command,
                                                          "train_config": json.dumps(asdict(cfg))})
+    if cfg.export_adapter:
+        pipe.save_suti_adapter(cfg.export_adapter)
     return state
 
 

@@ -34,7 +34,7 @@ def test_identifier_goes_before_the_class_word():
 
 
 def _unet_state(pipe):
-    return {k: v.clone() for k, v in pipe.model.unet.unet.state_dict().items()}
+    return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
 
 
 def _photo_loss(pipe, photos, captions, word):

@@ -126,5 +126,5 @@ def test_bad_checkpoint_or_scheduler_fails_before_any_task(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         evaluate_synthetic(SyntheticEvalConfig(checkpoint=str(tmp_path), out=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="unknown scheduler"):
-        evaluate_synthetic(SyntheticEvalConfig(scheduler="euler", out=str(tmp_path / "out")))
+        evaluate_synthetic(SyntheticEvalConfig(scheduler="euler-magic", out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()

@@ -16,12 +16,12 @@ BOX, KEYPOINTS = [0.1, 0.2, 0.6, 0.9], [[0.35, 0.2], [0.6, 0.55]]
 
 
 def controlled_pipe(trained: bool) -> SuTIPipeline:
-    config = dataclasses.replace(SuTIPipeline.from_preset("tiny-32").config, controls=ALL)
+    config = dataclasses.replace(SuTIPipeline.from_preset("tiny-32").suti_config, controls=ALL)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        pipe = SuTIPipeline(SuTIModel(config), clip_tokenizer(config.max_text_len))
+        pipe = SuTIPipeline.from_model(SuTIModel(config))
         if trained:  # as after training: the zero-initialised outputs are open
-            for p in pipe.model.unet.control_encoders.parameters():
+            for p in pipe.suti.control_encoders.parameters():
                 torch.nn.init.normal_(p, std=0.05)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -42,11 +42,11 @@ def test_maps_mark_the_box_and_the_keypoints():
 
 def test_residuals_match_every_skip_connection_of_the_unet():
     pipe = controlled_pipe(trained=True)
-    layout, mid = residual_layout(pipe.model.unet.unet.config)
+    layout, mid = residual_layout(pipe.unet.config)
     from ray_suti.model.controls import Controls
 
     controls = Controls({"box": torch.rand(2, 1, 32, 32)}, {"box": torch.tensor([True, False])})
-    down, mid_res = pipe.model.unet.encode_controls(controls)
+    down, mid_res = pipe.suti.encode_controls(controls)
     assert [r.shape[1] for r in down] == [c for c, _ in layout] and mid_res.shape[1] == mid[0]
     assert all(r[1].abs().sum() == 0 for r in down)  # the row without the control gets nothing
 
@@ -85,5 +85,5 @@ def test_a_checkpoint_without_controls_refuses_them_and_saved_ones_keep_them(tmp
     trained.save_single_file(str(tmp_path / "c.safetensors"), dtype=torch.float32)
     loaded = SuTIPipeline.from_pretrained(str(tmp_path / "c.safetensors"))
     loaded.set_progress_bar_config(disable=True)
-    assert loaded.config.controls == ALL
+    assert loaded.controls == ALL
     np.testing.assert_allclose(gen(loaded, box=BOX), gen(trained, box=BOX), atol=1e-5)

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 def pipe():
     p = SuTIPipeline.from_preset("tiny-32")
     g = torch.Generator().manual_seed(3)
-    for n in p.model.unet.neighbours.values():  # as after training: demos matter
+    for n in p.suti.neighbours.values():  # as after training: demos matter
         n.to_out.weight.data = torch.randn(n.to_out.weight.shape, generator=g) * 0.2
     p.set_progress_bar_config(disable=True)
     return p
@@ -123,7 +123,7 @@ def test_save_and_load_through_uris(pipe, tmp_path, monkeypatch):
     folder, single = (tmp_path / "uri-ckpt").as_uri(), (tmp_path / "m.safetensors").as_uri()
     pipe.save_pretrained(folder)
     pipe.save_single_file(single, metadata={"step": 3})
-    assert (tmp_path / "uri-ckpt" / "suti.json").is_file() and (tmp_path / "m.safetensors").is_file()
+    assert (tmp_path / "uri-ckpt" / "model_index.json").is_file() and (tmp_path / "m.safetensors").is_file()
     assert SuTIPipeline.single_file_metadata(single)["step"] == "3"
     for loaded in (SuTIPipeline.from_pretrained(folder), load_pipeline(single)):  # fetched into the cache
         loaded.set_progress_bar_config(disable=True)
@@ -154,8 +154,9 @@ def _sd_shaped_folder(path):
 def test_from_base_loads_a_stable_diffusion_folder(tmp_path):
     base = _sd_shaped_folder(tmp_path / "sd")
     p = SuTIPipeline.from_base(str(tmp_path / "sd"), neighbour_levels=(0, 1), neighbour_heads=4)
-    assert p.config.latent and p.config.image_size == 16 and p.config.prediction_type == "epsilon"
-    assert len(p.model.unet.neighbours) > 0
+    config = p.suti_config
+    assert config.latent and config.image_size == 16 and config.prediction_type == "epsilon"
+    assert len(p.suti.neighbours) > 0
     g = torch.Generator().manual_seed(0)
     x, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     demos = p.model.encode_demos(torch.rand(1, 2, 3, 16, 16) * 2 - 1, p.tokenize(["", ""]).view(1, 2, -1))
@@ -167,4 +168,4 @@ def test_from_base_loads_a_stable_diffusion_folder(tmp_path):
     assert image.size == (16, 16)
     p.save_pretrained(str(tmp_path / "suti"))
     again = SuTIPipeline.from_pretrained(str(tmp_path / "suti"))
-    assert again.config == p.config
+    assert again.suti_config == p.suti_config

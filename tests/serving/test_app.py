@@ -4,6 +4,7 @@ import io
 import json
 import threading
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -132,7 +133,12 @@ def test_batched_requests_of_different_subjects_do_not_mix(url, dreambench_dir):
     for t in threads:
         t.join()
     assert max(rows) > 1  # some requests really shared a batch
-    assert together == alone * 2
+    # Each row gets its own subject: the same image as alone, up to float rounding (a batch of other
+    # sizes and padded demos sums in another order: ~1e-6, at most one level in 8-bit), far from the others.
+    pixels = lambda png: np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)  # noqa: E731
+    for i, png in enumerate(together):
+        assert np.abs(pixels(png) - pixels(alone[i % 3])).max() <= 1
+        assert all(np.abs(pixels(png) - pixels(alone[j])).max() > 8 for j in range(3) if j != i % 3)
 
 
 def test_bad_input_gets_a_json_4xx(url, dreambench_dir):
@@ -225,7 +231,7 @@ def test_config_file_is_a_valid_serve_config_whose_import_path_builds():
     from ray_suti.serving.app import build_app
 
     with pytest.raises(ValueError, match="unknown scheduler"):
-        build_app(CHECKPOINT, scheduler="euler")
+        build_app(CHECKPOINT, scheduler="os.system")
     production = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.production.yaml").read_text()))
     assert production.applications[0].import_path == app.import_path
     assert production.applications[0].args["num_gpus"] == 1 and production.applications[0].args["max_replicas"] > 2

@@ -109,7 +109,7 @@ def test_training_can_switch_a_checkpoint_to_cosine_attention(tmp_path):
     pipe = SuTIPipeline.from_preset("tiny-32")
     pipe.save_single_file(str(tmp_path / "m.safetensors"), dtype=torch.float32)
     switched = start_pipeline(TrainConfig(init_from=str(tmp_path / "m.safetensors"), neighbour_cosine=True))
-    assert switched.config.neighbour_cosine
+    assert switched.suti_config.neighbour_cosine
     before, after = pipe.model.state_dict(), switched.model.state_dict()
     assert {k for k in after if k not in before} and all(k.endswith("logit_scale") for k in after if k not in before)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -154,11 +154,11 @@ def test_training_adds_control_encoders_and_drops_each_control_at_random(tmp_pat
     committed = str(REPO / "checkpoints" / "tiny-32.safetensors")
     cfg = TrainConfig(init_from=committed, controls=("box", "keypoints", "edges"), controls_only=True, control_drop=0.5)
     pipe, before = start_pipeline(cfg), start_pipeline(TrainConfig(init_from=committed)).model.state_dict()
-    assert pipe.config.controls == ("box", "keypoints", "edges")
+    assert pipe.controls == ("box", "keypoints", "edges")
     after = pipe.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # every old weight carried over
     named, _ = trainable_groups(pipe.model, cfg)
-    assert named and all(n.startswith("unet.control_encoders.") for n, _ in named)  # controls_only
+    assert named and all(n.startswith("suti.control_encoders.") for n, _ in named)  # controls_only
 
     write_oracle_shard(OracleConfig(out=str(tmp_path), examples=64, examples_per_shard=64, target_jitter=0.08), 0)
     table = pq.read_table(tmp_path / "part-00000.parquet", columns=columns("suti", cfg.controls))
@@ -169,7 +169,7 @@ def test_training_adds_control_encoders_and_drops_each_control_at_random(tmp_pat
         assert batch[f"control_map_{name}"][~present].abs().sum() == 0
     loss = pipe.model.loss(batch, pipe.model.noise_scheduler(), generator=torch.Generator().manual_seed(0))
     loss.backward()  # the gradient reaches the zero-initialised outputs of every encoder
-    assert all(pipe.model.unet.control_encoders.encoders[n].outs[0].weight.grad.abs().sum() > 0 for n in cfg.controls)
+    assert all(pipe.suti.control_encoders.encoders[n].outs[0].weight.grad.abs().sum() > 0 for n in cfg.controls)
 
 
 def test_bad_control_settings_fail_in_the_config():

@@ -30,7 +30,7 @@ def test_train_job_runs_on_a_local_head(tmp_path, ray_head):
     assert "succeeded" in (proc.stdout + proc.stderr)
     assert (tmp_path / "runs" / "job").is_dir()
     pipe = SuTIPipeline.from_pretrained(str(out))
-    assert SuTIPipeline.from_pretrained(str(tmp_path / "exported")).config == pipe.config
+    assert SuTIPipeline.from_pretrained(str(tmp_path / "exported")).suti_config == pipe.suti_config
     assert SuTIPipeline.single_file_metadata(str(out))["step"] == "4"
     pipe.set_progress_bar_config(disable=True)
     example = oracle_example(OracleConfig(), 0)

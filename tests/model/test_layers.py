@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ray_suti.model import SuTIModel, get_preset
-from ray_suti.model.unet import DemoFeatures
+from ray_suti.model.layers import DemoFeatures
 
 torch.set_num_threads(1)
 CFG = get_preset("tiny-32")
@@ -33,17 +33,17 @@ def _activate(model: SuTIModel, seed=1) -> SuTIModel:
     """A copy whose neighbour output projections are non-zero, as after training."""
     m = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
-    for n in m.unet.neighbours.values():
+    for n in m.suti.neighbours.values():
         n.to_out.weight.data = torch.randn(n.to_out.weight.shape, generator=g) * 0.2
     return m
 
 
 def test_fresh_suti_equals_its_base_unet_with_demos_given(model):
     base = UNet2DConditionModel(**CFG.unet).eval()
-    base.load_state_dict(model.unet.unet.state_dict())
+    base.load_state_dict(model.unet.state_dict())
     x = _inputs()
     with torch.no_grad():
-        demos = model.unet.encode_demos(x["demo_images"], x["demo_text"])
+        demos = model.suti.encode_demos(model.unet, x["demo_images"], x["demo_text"])
         ours = model(x["sample"], x["t"], x["text"], demos)
         theirs = base(x["sample"], x["t"], encoder_hidden_states=x["text"]).sample
     assert demos.tokens[1].shape == (2, 3 * 16 * 16, 64) and demos.tokens[2].shape == (2, 3 * 8 * 8, 128)
@@ -61,13 +61,13 @@ def test_one_step_opens_the_neighbour_path(model):
                  demo_valid=torch.ones(4, 2, dtype=torch.bool))
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     m.loss(batch, m.noise_scheduler(), generator=g).backward()
-    grads = [n.to_out.weight.grad for n in m.unet.neighbours.values()]
+    grads = [n.to_out.weight.grad for n in m.suti.neighbours.values()]
     assert all(gr is not None and gr.abs().sum() > 0 for gr in grads)
     opt.step()
     m.eval()
     x = _inputs()
     with torch.no_grad():
-        demos = m.unet.encode_demos(x["demo_images"], x["demo_text"])
+        demos = m.suti.encode_demos(m.unet, x["demo_images"], x["demo_text"])
         with_demos = m(x["sample"], x["t"], x["text"], demos)
         without = m(x["sample"], x["t"], x["text"], None)
     assert (with_demos - without).abs().max().item() > 1e-4
@@ -80,8 +80,8 @@ def test_examples_in_a_batch_do_not_see_each_others_demos(model):
     changed = x["demo_images"].clone()
     changed[1] = other["demo_images"][1]
     with torch.no_grad():
-        a = m(x["sample"], x["t"], x["text"], m.unet.encode_demos(x["demo_images"], x["demo_text"]))
-        b = m(x["sample"], x["t"], x["text"], m.unet.encode_demos(changed, x["demo_text"]))
+        a = m(x["sample"], x["t"], x["text"], m.suti.encode_demos(m.unet, x["demo_images"], x["demo_text"]))
+        b = m(x["sample"], x["t"], x["text"], m.suti.encode_demos(m.unet, changed, x["demo_text"]))
     assert torch.allclose(a[0], b[0], atol=1e-6)  # example A unchanged
     assert (a[1] - b[1]).abs().max() > 1e-3  # example B did change
 
@@ -94,8 +94,8 @@ def test_any_number_of_demos_and_padding_is_invisible(model, k):
     pad_text = torch.cat([x["demo_text"], torch.zeros(1, CFG.max_demos - k, *x["demo_text"].shape[2:])], 1)
     valid = torch.arange(CFG.max_demos)[None] < k
     with torch.no_grad():
-        exact = m(x["sample"], x["t"], x["text"], m.unet.encode_demos(x["demo_images"], x["demo_text"]))
-        padded = m(x["sample"], x["t"], x["text"], m.unet.encode_demos(pad, pad_text, valid))
+        exact = m(x["sample"], x["t"], x["text"], m.suti.encode_demos(m.unet, x["demo_images"], x["demo_text"]))
+        padded = m(x["sample"], x["t"], x["text"], m.suti.encode_demos(m.unet, pad, pad_text, valid))
         none = m(x["sample"], x["t"], x["text"], None)
     assert (exact - padded).abs().max() < 1e-5
     assert (exact - none).abs().max() > 1e-4
@@ -104,9 +104,9 @@ def test_any_number_of_demos_and_padding_is_invisible(model, k):
 def test_too_many_demos_and_mismatched_batches_are_refused(model):
     x = _inputs(b=1, k=CFG.max_demos + 1)
     with pytest.raises(ValueError, match="at most"):
-        model.unet.encode_demos(x["demo_images"], x["demo_text"])
+        model.suti.encode_demos(model.unet, x["demo_images"], x["demo_text"])
     y = _inputs(b=2, k=1)
-    demos = model.unet.encode_demos(y["demo_images"], y["demo_text"])
+    demos = model.suti.encode_demos(model.unet, y["demo_images"], y["demo_text"])
     with pytest.raises(ValueError, match="demo features for 2"):
         model(y["sample"][:1], y["t"][:1], y["text"][:1], demos)
 
@@ -115,7 +115,7 @@ def test_dropped_demos_equal_no_demos(model):
     m = _activate(model)
     x = _inputs()
     with torch.no_grad():
-        demos = m.unet.encode_demos(x["demo_images"], x["demo_text"])
+        demos = m.suti.encode_demos(m.unet, x["demo_images"], x["demo_text"])
         dropped = m(x["sample"], x["t"], x["text"], demos.with_valid(torch.tensor([False, True])))
         none = m(x["sample"], x["t"], x["text"], None)
         full = m(x["sample"], x["t"], x["text"], demos)
@@ -143,7 +143,7 @@ def test_cosine_attention_starts_as_the_base_and_is_sharper_than_dot_products():
     for cosine in (False, True):
         torch.manual_seed(0)
         m = SuTIModel(dataclasses.replace(CFG, neighbour_cosine=cosine)).eval()
-        att = next(iter(m.unet.neighbours.values())).requires_grad_(False)
+        att = next(iter(m.suti.neighbours.values())).requires_grad_(False)
         d = torch.randn(2, 3 * 64, att.norm_kv.normalized_shape[0])  # tokens of an 8x8 level, 3 demos
         k, _ = att.keys_values(d, 64)
         q = att.to_q(att.norm_q(torch.randn(2, 64, att.to_q.in_features))).view(2, 64, att.heads, -1).transpose(1, 2)

@@ -1,8 +1,8 @@
 """Size of the SuTI adapter file (the SuTI layers alone: neighbour attention + control encoders) vs
-the whole model, per preset. tiny-32 is written to disk and measured; ``sd15`` is counted on the
-meta device (no weights allocated), in fp16 bytes.
+the whole model, per preset or checkpoint file. Small models are written to disk and measured;
+``sd15`` is counted on the meta device (no weights allocated), in fp16 bytes.
 
-    .venv/bin/python bench/adapter_size.py [--presets tiny-32 sd15] [--out docs/results/adapter-size.json]
+    .venv/bin/python bench/adapter_size.py [--presets tiny-32 checkpoints/tiny-32.safetensors sd15]
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ def adapter_sizes(presets: list[str]) -> dict:
                 model = SuTIModel(get_preset(name))
             row = {"measured": "counted on the meta device"}
         else:
-            model = model_from_preset(name)
+            model = SuTIPipeline.from_pretrained(name).model if name.endswith(".safetensors") else model_from_preset(name)
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "suti.safetensors")
                 SuTIPipeline.from_model(model).save_suti_adapter(path)
@@ -46,12 +46,12 @@ def adapter_sizes(presets: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--presets", nargs="+", default=["tiny-32", "sd15"])
+    parser.add_argument("--presets", nargs="+", default=["tiny-32", "checkpoints/tiny-32.safetensors", "sd15"])
     parser.add_argument("--out", default="docs/results/adapter-size.json")
     args = parser.parse_args()
     sizes = adapter_sizes(args.presets)
     for name, r in sizes.items():
-        print(f"{name:8} adapter {r['adapter_params'] / 1e6:7.2f} M params = {r['adapter_mb_fp16']:8.1f} MB fp16 "
+        print(f"{name:32} adapter {r['adapter_params'] / 1e6:7.2f} M params = {r['adapter_mb_fp16']:8.1f} MB fp16 "
               f"({100 * r['adapter_share']:.1f}% of {r['full_mb_fp16']:.0f} MB)"
               + (f", file {r['adapter_file_mb']:.2f} MB" if "adapter_file_mb" in r else ""))
     with open(args.out, "w") as f:

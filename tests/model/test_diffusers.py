@@ -87,13 +87,13 @@ def test_a_latent_suti_folder_is_a_stable_diffusion_folder(latent_folder):
 def test_half_precision_variants_save_and_load(latent_folder, tmp_path):
     p = SuTIPipeline.from_pretrained(latent_folder, torch_dtype=torch.bfloat16)
     assert p.dtype == torch.bfloat16 and p.suti.dtype == torch.bfloat16
-    p.save_pretrained(str(tmp_path / "v"), variant="bf16")
+    p.to(torch.float16).save_pretrained(str(tmp_path / "v"), variant="fp16")
     names = [f for _, _, fs in os.walk(tmp_path / "v") for f in fs]
-    assert any(f.endswith(".bf16.safetensors") for f in names) and not any(f.endswith((".bin", ".pt")) for f in names)
-    again = DiffusionPipeline.from_pretrained(str(tmp_path / "v"), variant="bf16", torch_dtype=torch.bfloat16)
-    assert again.unet.dtype == again.suti.dtype == torch.bfloat16
+    assert any(f.endswith(".fp16.safetensors") for f in names) and not any(f.endswith((".bin", ".pt")) for f in names)
+    again = DiffusionPipeline.from_pretrained(str(tmp_path / "v"), variant="fp16", torch_dtype=torch.float16)
+    assert again.dtype == again.unet.dtype == again.suti.dtype == again.text_encoder.dtype == torch.float16
     with pytest.raises(ValueError, match="variant"):
-        SuTIPipeline.from_pretrained(str(tmp_path / "v"), variant="fp16")
+        SuTIPipeline.from_pretrained(str(tmp_path / "v"), variant="bf16")
 
 
 def test_hub_ids_give_a_clear_error_offline(monkeypatch):
@@ -108,9 +108,9 @@ def test_processors_carry_the_neighbours_and_nothing_is_stored_on_modules(pipe):
     assert all(isinstance(p, SuTIAttnProcessor) for p in procs.values())
     with_neighbours = [p for p in procs.values() if p.neighbour is not None]
     assert len(with_neighbours) == len(pipe.suti.neighbours) > 0
-    before = {n: dict(vars(m)) .keys() for n, m in pipe.unet.named_modules()}
+    before = {n: set(vars(m)) for n, m in pipe.unet.named_modules()}
     _gen(pipe)
-    assert {n: dict(vars(m)).keys() for n, m in pipe.unet.named_modules()} == before
+    assert {n: set(vars(m)) for n, m in pipe.unet.named_modules()} == before
 
 
 def test_two_threads_with_two_subjects_match_running_them_in_turn(pipe):

@@ -79,10 +79,16 @@ def test_generate_command_writes_a_png(tmp_path, dreambench_dir):
     out = tmp_path / "dog.png"
     proc = subprocess.run([sys.executable, "-m", "ray_suti.cli", "generate", "--checkpoint", "tiny-32",
                            "--subject", str(dreambench_dir / "dog2"), "--prompt", "a dog on the beach",
-                           "--out", str(out), "--steps", "2", "--seed", "1"], capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "--steps", "2", "--seed", "1", "--device", "cpu", "--dtype", "bf16",
+                           "--scheduler", "euler-a", "--guidance-mode", "interleaved", "--guidance-subject", "2.5",
+                           "--negative-prompt", "blurry"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Image.open(out).size == (32, 32)
     assert "first 5 of 6" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "ray_suti.cli", "generate", "--checkpoint", "tiny-32", "--subject",
+                          str(dreambench_dir / "dog2"), "--prompt", "a dog", "--out", str(out), "--scheduler",
+                          "os.system"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
 def test_generate_command_takes_controls(tmp_path, dreambench_dir):

@@ -38,7 +38,8 @@ ds = ds.union(*[ds] * 7).materialize()  # 8 passes, so model work outweighs the 
 n = ds.count()
 t = time.time()
 ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"model": "tiny", "pretrained": clip, "use_gpu": False},
-               batch_size=64, concurrency=actors, num_cpus=1, batch_format="pandas").materialize()
+               batch_size=64, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+               batch_format="pandas").materialize()
 print(json.dumps({"records": n, "seconds": time.time() - t, "records_per_s": n / (time.time() - t)}))
 """
 

@@ -141,7 +141,7 @@ def read_web_pairs(files: list[str], fs, num_cpus: float | None = None):
     tars = [f for f in files if f.endswith(".tar")]
     parts = []
     if parquet:
-        parts.append(ray.data.read_parquet(parquet, filesystem=fs, columns=list(WEB_COLUMNS), num_cpus=num_cpus))
+        parts.append(ray.data.read_parquet(parquet, filesystem=fs, num_cpus=num_cpus).select_columns(list(WEB_COLUMNS)))
     if tars:
         parts.append(ray.data.read_webdataset(tars, filesystem=fs, decoder=None, num_cpus=num_cpus)
                      .map_batches(webdataset_to_pairs, batch_format="pandas", num_cpus=num_cpus))
@@ -242,15 +242,18 @@ def recaption(source: str, target: str, cfg: BuildConfig) -> None:
     Separate from the first, so its actors never hold CPUs while the CLIP actors still need them (on
     a small cluster the two pools together starved the reads and the job stalled)."""
     import ray.data
+    from ray.data import ActorPoolStrategy
 
     ds = ray.data.read_parquet(source)
     ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={"spec": cfg.captioner, "use_gpu": cfg.num_gpus > 0},
-                        batch_size=16, concurrency=cfg.caption_concurrency, num_gpus=cfg.num_gpus,
+                        batch_size=16, compute=ActorPoolStrategy(size=cfg.caption_concurrency), num_gpus=cfg.num_gpus,
                         batch_format="pandas")
     ds.write_parquet(target)
 
 
 def build_dataset(cfg: BuildConfig) -> dict:
+
+    from ray.data import ActorPoolStrategy
 
     from ..utils.ray_utils import init_ray
 
@@ -263,7 +266,8 @@ def build_dataset(cfg: BuildConfig) -> dict:
     ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
                                                             "use_gpu": cfg.num_gpus > 0,
                                                             "shifts": cfg.embed_shifts or default_shifts(cfg.clip_model)},
-                        batch_size=cfg.embed_batch_size, concurrency=cfg.embed_concurrency, num_gpus=cfg.num_gpus,
+                        batch_size=cfg.embed_batch_size, compute=ActorPoolStrategy(size=cfg.embed_concurrency),
+                        num_gpus=cfg.num_gpus,
                         batch_format="pandas")
     ds = ds.groupby("page_key").map_groups(make_cluster, fn_kwargs={"cfg": cfg}, batch_format="pandas")
     out = storage.join(cfg.output, "clusters")  # a local folder or any pyarrow URI (s3://, gs://)

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .inputs import SuTIInputError, load_image
 
 CONTROL_CHANNELS = {"box": 1, "keypoints": 2, "edges": 1}
 KEYPOINT_NAMES = ("top", "side")
@@ -170,3 +173,37 @@ class ControlEncoders(nn.Module):
             outs = [r * gate for r in self.encoders[name](controls.maps[name].to(dtype))]
             total = outs if total is None else [t + o for t, o in zip(total, outs)]
         return None if total is None else (total[:-1], total[-1])
+
+
+def per_prompt(name: str, value) -> bool:
+    """A list of per-prompt values, or one value for every prompt?"""
+    if name == "edges":
+        return isinstance(value, (list, tuple))
+    depth, v = 0, value
+    while isinstance(v, (list, tuple, np.ndarray, torch.Tensor)) and len(v):
+        v = next((x for x in v if x is not None), None) if depth == 0 else v[0]
+        depth += 1
+    return depth > {"box": 1, "keypoints": 2}[name]
+
+
+def check_control(name: str, value):
+    """One control value -> checked numbers or a [0, 1] map; SuTIInputError with the reason."""
+    if name == "edges":
+        if isinstance(value, (np.ndarray, torch.Tensor)) and np.ndim(value) == 2:
+            arr = np.asarray(value, dtype=np.float32)
+        else:
+            arr = np.asarray(load_image(value).convert("L"), dtype=np.float32) / 255.0
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise SuTIInputError("edges must be an image or an (H, W) array with values in [0, 1]")
+        return arr
+    want = {"box": (4,), "keypoints": (len(KEYPOINT_NAMES), 2)}[name]
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape != want or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        what = "x0, y0, x1, y1" if name == "box" else "[[x, y] of the top], [[x, y] of the right-hand side]"
+        raise SuTIInputError(f"{name} must be {what} as fractions of the image in [0, 1], got {value!r}")
+    if name == "box" and not (arr[0] < arr[2] and arr[1] < arr[3]):
+        raise SuTIInputError(f"box needs x0 < x1 and y0 < y1, got {value!r}")
+    return arr

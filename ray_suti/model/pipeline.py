@@ -21,7 +21,6 @@ computed once per call and shared by every step and branch.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,8 +35,8 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import loading
-from .controls import KEYPOINT_NAMES, Controls, batch_controls, rasterize
-from .inputs import SuTIInputError, load_image, subject_list, subject_tensor
+from .controls import Controls, batch_controls, check_control, per_prompt, rasterize
+from .inputs import SuTIInputError, subject_list, subject_tensor
 from .layers import DemoFeatures, SuTILayers
 from .presets import SuTIConfig
 from .schedulers import GUIDANCE_MODES, make_scheduler, switch_scheduler
@@ -249,13 +248,13 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if name not in self.controls:
                 raise SuTIInputError(f"this checkpoint has no {name!r} control (it has: "
                                      f"{', '.join(self.controls) or 'none'})")
-            values = value if _per_prompt(name, value) else [value] * b
+            values = value if per_prompt(name, value) else [value] * b
             if len(values) != b:
                 raise SuTIInputError(f"{len(values)} {name} values for {b} prompts")
             for row, v in zip(rows, values):
                 if v is not None:
                     row.update(rasterize(self.image_size, device=self._execution_device,
-                                         **{name: _check_control(name, v)}))
+                                         **{name: check_control(name, v)}))
         return batch_controls(rows, self.image_size, self._execution_device)
 
     def prepare_extra_step_kwargs(self, generator, eta):
@@ -471,7 +470,7 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         starts = list(start) if isinstance(start, (list, tuple)) else [start] * count
         ends = list(end) if isinstance(end, (list, tuple)) else [end] * count
         if not (len(scales) == len(starts) == len(ends) == count):
-            raise SuTIInputError(f"give one controlnet_conditioning_scale / control_guidance_start / end per controlnet")
+            raise SuTIInputError("give one controlnet_conditioning_scale / control_guidance_start / end per controlnet")
         if any(not 0 <= s < e <= 1 for s, e in zip(starts, ends)):
             raise SuTIInputError("control_guidance_start must be below control_guidance_end, both in [0, 1]")
         conds = [self._condition_images(im, rows, size, self.controlnet.dtype) for im in images]
@@ -487,40 +486,6 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         down, mid = self.controlnet(x, t, encoder_hidden_states=text, controlnet_cond=conds if multi else conds[0],
                                     conditioning_scale=step_scales if multi else step_scales[0], return_dict=False)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-
-
-def _per_prompt(name: str, value) -> bool:
-    """A list of per-prompt values, or one value for every prompt?"""
-    if name == "edges":
-        return isinstance(value, (list, tuple))
-    depth, v = 0, value
-    while isinstance(v, (list, tuple, np.ndarray, torch.Tensor)) and len(v):
-        v = next((x for x in v if x is not None), None) if depth == 0 else v[0]
-        depth += 1
-    return depth > {"box": 1, "keypoints": 2}[name]
-
-
-def _check_control(name: str, value):
-    """One control value -> checked numbers or a [0, 1] map; SuTIInputError with the reason."""
-    if name == "edges":
-        if isinstance(value, (np.ndarray, torch.Tensor)) and np.ndim(value) == 2:
-            arr = np.asarray(value, dtype=np.float32)
-        else:
-            arr = np.asarray(load_image(value).convert("L"), dtype=np.float32) / 255.0
-        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise SuTIInputError("edges must be an image or an (H, W) array with values in [0, 1]")
-        return arr
-    want = {"box": (4,), "keypoints": (len(KEYPOINT_NAMES), 2)}[name]
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        arr = None
-    if arr is None or arr.shape != want or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-        what = "x0, y0, x1, y1" if name == "box" else "[[x, y] of the top], [[x, y] of the right-hand side]"
-        raise SuTIInputError(f"{name} must be {what} as fractions of the image in [0, 1], got {value!r}")
-    if name == "box" and not (arr[0] < arr[2] and arr[1] < arr[3]):
-        raise SuTIInputError(f"box needs x0 < x1 and y0 < y1, got {value!r}")
-    return arr
 
 
 resolve_checkpoint = loading.resolve_checkpoint

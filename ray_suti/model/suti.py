@@ -101,6 +101,13 @@ class SuTIModel(nn.Module):
         neighbour_inputs = self.suti.neighbour_inputs(demos, sample.dtype)
         return denoiser_forward(self.unet, sample, timestep, text, neighbour_inputs, control_residuals)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward: the UNet's blocks (so the demo-encoding pass, which runs
+        the same down blocks, and the neighbour attention inside the transformer blocks too) and the
+        text encoder's layers. Same loss and gradients, less memory."""
+        self.unet.enable_gradient_checkpointing()
+        self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     @property
     def parts(self) -> tuple:
         return self.unet, self.suti, self.text_encoder, self.vae

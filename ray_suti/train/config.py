@@ -44,6 +44,8 @@ class TrainConfig:
     max_demos: int = field(default=3, metadata={"help": "most demos per example in training"})
     high_noise_frac: float = field(default=0.0, metadata={"help": "fraction of timesteps drawn from the noisier half (where demos matter)"})
     neighbour_cosine: bool = field(default=False, metadata={"help": "cosine neighbour attention (switches a checkpoint over; see model/layers.py)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (the "
+                                                                            "denoiser and the demo-encoding pass): less memory"})
     demo_grad: bool = field(default=False, metadata={"help": "backpropagate through the demo encoding"})
     train_text_encoder: bool = field(default=True, metadata={"help": "train the text encoder (pixel presets)"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})

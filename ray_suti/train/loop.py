@@ -51,6 +51,8 @@ def start_pipeline(cfg: TrainConfig):
         if unexpected or any(not k.startswith("suti.control_encoders.") for k in missing):
             raise ValueError(f"cannot add controls to {cfg.init_from or cfg.preset}: {missing} {unexpected}")
         pipe = SuTIPipeline.from_model(model, pipe.scheduler)
+    if cfg.gradient_checkpointing:
+        pipe.model.enable_gradient_checkpointing()
     return pipe
 
 

@@ -58,7 +58,7 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
                          f"(steps count from it; e.g. --steps {start + cfg.steps})")
     init_ray()
     cfg = with_absolute_paths(cfg)
-    dataset = ray.data.read_parquet(cfg.data, columns=columns(cfg.mode, cfg.controls), num_cpus=cfg.data_cpus)
+    dataset = ray.data.read_parquet(cfg.data, num_cpus=cfg.data_cpus).select_columns(columns(cfg.mode, cfg.controls))
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -8,7 +8,6 @@ import torch
 from ray_suti import SuTIPipeline
 from ray_suti.model import SuTIInputError, SuTIModel
 from ray_suti.model.controls import box_map, keypoint_maps, residual_layout
-from ray_suti.model.tokenizer import clip_tokenizer
 from ray_suti.world import Context, render
 
 ALL = ("box", "keypoints", "edges")

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-text", type=float, default=1.5)
     p.add_argument("--guidance-subject", type=float, default=1.5)
     p.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default="branches",
-                   help="branches: three UNet passes a step; interleaved: Re-Imagen's, two")
+                   help="branches: three UNet passes a step; interleaved: two (reimagen: Re-Imagen's literal rule)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--caption", nargs="+", default=None, help="one caption per subject photo")
     p.add_argument("--num-images", type=int, default=1)

@@ -40,8 +40,8 @@ class SyntheticEvalConfig:
     guidance_text: float = field(default=1.5, metadata={"help": "text guidance scale"})
     guidance_subject: float = field(default=1.5, metadata={"help": "subject guidance scale"})
     scheduler: str = field(default="ddim", metadata={"help": "sampler: ddim, dpm++, euler-a, ... (model/schedulers.py)"})
-    guidance_mode: str = field(default="branches", metadata={"help": "branches (three UNet passes a step) or "
-                                                                       "interleaved (Re-Imagen's, two)"})
+    guidance_mode: str = field(default="branches", metadata={"help": "branches (three UNet passes a step), "
+                                                                       "interleaved (two) or reimagen (two, Re-Imagen's rule)"})
     chunk_size: int = field(default=25, metadata={"help": "subjects per Ray task (each task loads the model once)"})
     sheet_rows: int = field(default=12, metadata={"help": "cases shown in contact_sheet.png"})
 

@@ -13,10 +13,15 @@ each step,
     u = (no text, no demos)   s = (no text, demos)   f = (text, demos)
 
 dropping those whose weight is zero (``s_subject == 1`` drops ``u``, equal scales drop ``s``).
-``guidance_mode="interleaved"`` is Re-Imagen's: even steps guide on text, ``s + s_text * (f - s)``,
-odd steps on the subject, ``t + s_subject * (f - t)`` with ``t = (text, no demos)``, so separate
-scales cost two UNet passes a step. Demo features, their keys and values, and control features are
-computed once per call and shared by every step and branch.
+Written as ``s + s_text * (f - s) + (s_subject - 1) * (s - u)``, it is ``s`` plus a text direction
+and a subject direction. ``guidance_mode="interleaved"`` interleaves them as Re-Imagen does, two
+UNet passes a step: ``s`` every step, ``f`` on even steps (refreshing the text direction) and ``u``
+on odd ones (the subject direction), the other direction carried over from the step before (the
+first step runs all three). ``guidance_mode="reimagen"`` is Re-Imagen's rule to the letter: even
+steps ``s + s_text * (f - s)``, odd steps ``t + s_subject * (f - t)`` with ``t = (text, no
+demos)``, the other guidance dropped (docs/model.md has how the three compare). Demo features,
+their keys and values, and control features are computed once per call and shared by every step
+and branch.
 """
 from __future__ import annotations
 
@@ -52,16 +57,26 @@ class SuTIPipelineOutput(BaseOutput):
 
 def guidance_branches(text_scale: float, subject_scale: float, with_demos: bool, mode: str = "branches",
                       step: int = 0) -> list[tuple[float, bool, bool]]:
-    """(weight, use_text, use_demos) of each branch that contributes at denoising step ``step``."""
+    """(weight, use_text, use_demos) of each branch that contributes at denoising step ``step``; for
+    "interleaved" the three branches, of which ``interleaved_run`` says which are run."""
     if not with_demos:
         raw = [(text_scale, True, False), (1 - text_scale, False, False)]
-    elif mode == "branches":
+    elif mode != "reimagen":
         raw = [(text_scale, True, True), (subject_scale - text_scale, False, True), (1 - subject_scale, False, False)]
-    elif step % 2 == 0:  # interleaved: text guidance on even steps
+    elif step % 2 == 0:  # Re-Imagen: text guidance on even steps
         raw = [(text_scale, True, True), (1 - text_scale, False, True)]
     else:  # and subject guidance on odd ones
         raw = [(subject_scale, True, True), (1 - subject_scale, True, False)]
     return [b for b in raw if b[0] != 0]
+
+
+def interleaved_run(branches: list, step: int) -> list:
+    """The branches interleaved guidance runs at ``step``: all three first, then s with f (text
+    direction) on even steps, s with u (subject direction) on odd ones."""
+    if len(branches) < 3 or step == 0:
+        return branches
+    f, s, u = branches
+    return [s, f] if step % 2 == 0 else [s, u]
 
 
 class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -413,13 +428,16 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return prepared[key]
 
         # 8. Denoising loop
+        directions: dict = {}  # interleaved guidance: the latest text and subject directions
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 branches = guidance_branches(guidance_scale_text, guidance_scale_subject, with_demos, guidance_mode, i)
-                text, kv, residuals = branch_inputs(branches)
-                m = len(branches)
+                interleave = guidance_mode == "interleaved" and len(branches) == 3
+                run = interleaved_run(branches, i) if interleave else branches
+                text, kv, residuals = branch_inputs(run)
+                m = len(run)
                 x = self.scheduler.scale_model_input(torch.cat([latents] * m), t)
                 unet_kwargs = {"cross_attention_kwargs": cross_attention_kwargs}
                 if control is not None:
@@ -427,7 +445,17 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 if adapter_state is not None:
                     unet_kwargs["down_intrablock_additional_residuals"] = [s.repeat(m, 1, 1, 1) for s in adapter_state]
                 preds = denoiser_forward(self.unet, x, t, text, kv, residuals, **unet_kwargs).chunk(m)
-                pred = sum(w * p for (w, _, _), p in zip(branches, preds))
+                if interleave:  # s + s_text (f - s) + (s_subject - 1) (s - u), one direction carried over
+                    got = {(use_text, use_demos): p for (_, use_text, use_demos), p in zip(run, preds)}
+                    pred_s = got[False, True]
+                    if (True, True) in got:
+                        directions["text"] = got[True, True] - pred_s
+                    if (False, False) in got:
+                        directions["subject"] = pred_s - got[False, False]
+                    pred = (pred_s + guidance_scale_text * directions["text"]
+                            + (guidance_scale_subject - 1) * directions["subject"])
+                else:
+                    pred = sum(w * p for (w, _, _), p in zip(branches, preds))
                 latents = self.scheduler.step(pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

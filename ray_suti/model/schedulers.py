@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from .presets import SuTIConfig
 
-GUIDANCE_MODES = ("branches", "interleaved")  # SuTIPipeline's guidance_mode: three branches, or Re-Imagen's two
+# SuTIPipeline's guidance_mode: three branches a step, or two (interleaved; Re-Imagen's literal rule)
+GUIDANCE_MODES = ("branches", "interleaved", "reimagen")
 
 # diffusers' schedulers for UNet2DConditionModel pipelines (KarrasDiffusionSchedulers and kin)
 SCHEDULER_CLASSES = (

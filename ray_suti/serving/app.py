@@ -56,8 +56,8 @@ class GenerateRequest(BaseModel):
     steps: int = Field(default=25, ge=1, le=100)
     guidance_text: float = Field(default=1.5, ge=0.0, le=20.0)
     guidance_subject: float = Field(default=1.5, ge=0.0, le=20.0)
-    guidance_mode: Literal["branches", "interleaved"] = Field(
-        default="branches", description="interleaved: Re-Imagen's guidance, two UNet passes a step instead of three")
+    guidance_mode: Literal["branches", "interleaved", "reimagen"] = Field(
+        default="branches", description="interleaved: separate scales for two UNet passes a step instead of three")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="same seed, same image")
     box: list[float] | None = Field(default=None, min_length=4, max_length=4,
                                     description="where and how large: [x0, y0, x1, y1], fractions of the image")

@@ -12,7 +12,7 @@ from diffusers import (DiffusionPipeline, EulerAncestralDiscreteScheduler, Stabl
 from ray_suti import SuTIPipeline
 from ray_suti.model import SuTIInputError, SuTILayers
 from ray_suti.model.layers import SuTIAttnProcessor
-from ray_suti.model.pipeline import guidance_branches
+from ray_suti.model.pipeline import guidance_branches, interleaved_run
 from ray_suti.model.schedulers import SCHEDULER_NAMES, scheduler_class
 from ray_suti.world import Context, render
 
@@ -255,18 +255,27 @@ def test_num_images_per_prompt_and_model_cpu_offload(pipe):
 
 # ---- 8. interleaved guidance -----------------------------------------------------------------
 def test_interleaved_guidance_costs_two_passes_a_step(pipe):
-    calls = []
-    hook = pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-    try:
-        branches = _gen(pipe, guidance_scale_text=3.0, guidance_scale_subject=2.0)
-        three = list(calls)
-        calls.clear()
-        inter = _gen(pipe, guidance_scale_text=3.0, guidance_scale_subject=2.0, guidance_mode="interleaved")
-    finally:
-        hook.remove()
-    assert three == [3] * 4 and calls == [2] * 4  # rows per UNet call: branches x 1 image
-    assert np.abs(branches - inter).max() > 1e-4
-    assert guidance_branches(3.0, 2.0, True, "interleaved", 0) == [(3.0, True, True), (-2.0, False, True)]
-    assert guidance_branches(3.0, 2.0, True, "interleaved", 1) == [(2.0, True, True), (-1.0, True, False)]
+    rows, images = {}, {}
+    for mode in ("branches", "interleaved", "reimagen"):
+        calls = []
+        hook = pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+        try:
+            images[mode] = _gen(pipe, guidance_scale_text=3.0, guidance_scale_subject=2.0, guidance_mode=mode,
+                                num_inference_steps=6)
+        finally:
+            hook.remove()
+        rows[mode] = calls  # rows per UNet call: branches x 1 image
+    assert rows == {"branches": [3] * 6, "interleaved": [3] + [2] * 5, "reimagen": [2] * 6}
+    assert np.abs(images["branches"] - images["interleaved"]).max() > 1e-6  # a direction is carried over
+    assert np.abs(images["interleaved"] - images["reimagen"]).max() > 1e-4
+    f, s, u = guidance_branches(3.0, 2.0, True, "interleaved", 3)
+    assert interleaved_run([f, s, u], 0) == [f, s, u] and interleaved_run([f, s, u], 1) == [s, u]
+    assert interleaved_run([f, s, u], 2) == [s, f]
+    assert guidance_branches(3.0, 2.0, True, "reimagen", 0) == [(3.0, True, True), (-2.0, False, True)]
+    assert guidance_branches(3.0, 2.0, True, "reimagen", 1) == [(2.0, True, True), (-1.0, True, False)]
+    # equal scales need two branches anyway: interleaved is then exactly the branches mode
+    np.testing.assert_array_equal(_gen(pipe, guidance_scale_text=2.0, guidance_scale_subject=2.0),
+                                  _gen(pipe, guidance_scale_text=2.0, guidance_scale_subject=2.0,
+                                       guidance_mode="interleaved"))
     with pytest.raises(SuTIInputError, match="guidance_mode"):
         _gen(pipe, guidance_mode="alternate")

@@ -15,8 +15,8 @@ each step,
 dropping those whose weight is zero (``s_subject == 1`` drops ``u``, equal scales drop ``s``).
 Written as ``s + s_text * (f - s) + (s_subject - 1) * (s - u)``, it is ``s`` plus a text direction
 and a subject direction. ``guidance_mode="interleaved"`` interleaves them as Re-Imagen does, two
-UNet passes a step: ``s`` every step, ``f`` on even steps (refreshing the text direction) and ``u``
-on odd ones (the subject direction), the other direction carried over from the step before (the
+UNet passes a step: ``s`` every step, and ``f`` (refreshing the text direction) or ``u`` (the subject
+direction), whichever has gone stale the most weighted by its scale, the other carried over (the
 first step runs all three). ``guidance_mode="reimagen"`` is Re-Imagen's rule to the letter: even
 steps ``s + s_text * (f - s)``, odd steps ``t + s_subject * (f - t)`` with ``t = (text, no
 demos)``, the other guidance dropped (docs/model.md has how the three compare). Demo features,
@@ -70,13 +70,19 @@ def guidance_branches(text_scale: float, subject_scale: float, with_demos: bool,
     return [b for b in raw if b[0] != 0]
 
 
-def interleaved_run(branches: list, step: int) -> list:
-    """The branches interleaved guidance runs at ``step``: all three first, then s with f (text
-    direction) on even steps, s with u (subject direction) on odd ones."""
+def interleaved_run(branches: list, step: int, debt: dict) -> list:
+    """The branches interleaved guidance runs at ``step``: all three first, then s with whichever of
+    f (text direction) and u (subject direction) has gone stale the most, staleness weighted by the
+    direction's scale (so equal weights alternate, and a text scale of 3 against a subject weight
+    of 0.5 refreshes the text direction six times as often). ``debt`` carries that over steps."""
     if len(branches) < 3 or step == 0:
         return branches
     f, s, u = branches
-    return [s, f] if step % 2 == 0 else [s, u]
+    debt["text"] = debt.get("text", 0.0) + abs(f[0])  # f's weight is s_text
+    debt["subject"] = debt.get("subject", 0.0) + abs(u[0])  # u's weight is 1 - s_subject
+    refresh = "text" if debt["text"] >= debt["subject"] else "subject"
+    debt[refresh] = 0.0
+    return [s, f] if refresh == "text" else [s, u]
 
 
 class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -428,14 +434,14 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return prepared[key]
 
         # 8. Denoising loop
-        directions: dict = {}  # interleaved guidance: the latest text and subject directions
+        directions, debt = {}, {}  # interleaved guidance: the latest directions, and how stale each is
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 branches = guidance_branches(guidance_scale_text, guidance_scale_subject, with_demos, guidance_mode, i)
                 interleave = guidance_mode == "interleaved" and len(branches) == 3
-                run = interleaved_run(branches, i) if interleave else branches
+                run = interleaved_run(branches, i, debt) if interleave else branches
                 text, kv, residuals = branch_inputs(run)
                 m = len(run)
                 x = self.scheduler.scale_model_input(torch.cat([latents] * m), t)

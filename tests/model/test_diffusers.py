@@ -268,9 +268,14 @@ def test_interleaved_guidance_costs_two_passes_a_step(pipe):
     assert rows == {"branches": [3] * 6, "interleaved": [3] + [2] * 5, "reimagen": [2] * 6}
     assert np.abs(images["branches"] - images["interleaved"]).max() > 1e-6  # a direction is carried over
     assert np.abs(images["interleaved"] - images["reimagen"]).max() > 1e-4
-    f, s, u = guidance_branches(3.0, 2.0, True, "interleaved", 3)
-    assert interleaved_run([f, s, u], 0) == [f, s, u] and interleaved_run([f, s, u], 1) == [s, u]
-    assert interleaved_run([f, s, u], 2) == [s, f]
+    f, s, u = guidance_branches(3.0, 2.0, True, "interleaved", 3)  # text weight 3, subject weight |1 - 2|
+    debt = {}
+    assert interleaved_run([f, s, u], 0, debt) == [f, s, u]
+    picks = ["text" if interleaved_run([f, s, u], i, debt)[1] is f else "subject" for i in range(1, 9)]
+    assert picks.count("text") == 6 and picks.count("subject") == 2  # refreshed in proportion to the weights
+    even = guidance_branches(2.0, 3.0, True)  # equal weights (2 and |1 - 3|): the two alternate
+    debt = {}
+    assert [interleaved_run(even, i, debt)[1][1] for i in range(1, 5)] == [True, False, True, False]
     assert guidance_branches(3.0, 2.0, True, "reimagen", 0) == [(3.0, True, True), (-2.0, False, True)]
     assert guidance_branches(3.0, 2.0, True, "reimagen", 1) == [(2.0, True, True), (-1.0, True, False)]
     # equal scales need two branches anyway: interleaved is then exactly the branches mode

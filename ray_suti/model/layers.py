@@ -135,7 +135,8 @@ class NeighbourAttention(nn.Module):
         v = self.to_v(kv_in).view(b, m, h, -1).transpose(1, 2)
         if self.logit_scale is not None:  # unit keys, normalised in fp32 (half-precision norms overflow)
             k = F.normalize(k.float(), dim=-1).to(k.dtype)
-        return k, v
+        # contiguous once per request: SDPA would otherwise copy strided keys and values every call
+        return k.contiguous(), v.contiguous()
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         # x: (B, N, Cq) denoiser tokens of examples that have demos; k, v: (B, h, K*T, Cq/h);
@@ -309,6 +310,21 @@ class SuTILayers(ModelMixin, ConfigMixin):
             mask = demos.key_mask(module.level)[rows]
             # no padding: no mask, so SDPA may take its fused kernels (a mask forces the generic one)
             out[key] = (k, v, None if bool(mask.all()) else mask, rows, per_demo)
+        return out
+
+    @staticmethod
+    def tile_neighbour_inputs(inputs: dict | None, use_demos: list[bool], rows: int) -> dict | None:
+        """Neighbour inputs of ``rows`` examples -> those of a guidance batch of ``len(use_demos)``
+        branches, each the same ``rows`` examples, with no demos in the branches where ``use_demos``
+        is False. Keys and values are reused, not recomputed."""
+        branches = [j for j, d in enumerate(use_demos) if d]
+        if inputs is None or not branches:
+            return None
+        n, out = len(branches), {}
+        for key, (k, v, mask, have, per_demo) in inputs.items():
+            tile = (lambda t: t) if n == 1 else (lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
+            out[key] = (tile(k), tile(v), None if mask is None else tile(mask),
+                        torch.cat([have + j * rows for j in branches]), per_demo)
         return out
 
     def encode_controls(self, controls: Controls | None, dtype=torch.float32) -> tuple | None:

@@ -205,14 +205,16 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return self
 
     # ---- encoding ----------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
+    # ``device`` arguments: the execution device, which ``__call__`` looks up once (diffusers' lookup
+    # walks every component's modules, a few milliseconds each time)
+    def tokenize(self, texts: list[str], device=None) -> torch.Tensor:
         return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(self._execution_device)
+                              truncation=True, return_tensors="pt").input_ids.to(device or self._execution_device)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompt(self, prompts: list[str], device=None) -> torch.Tensor:
         """(B,) prompts -> (B, L, D) text-encoder states."""
-        return self.text_encoder(input_ids=self.tokenize(prompts)).last_hidden_state
+        return self.text_encoder(input_ids=self.tokenize(prompts, device)).last_hidden_state
 
     def _onload_unet(self) -> None:
         # The demo pass calls the UNet's blocks, not its forward: move it as model offload would.
@@ -220,7 +222,7 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if hook is not None and hasattr(hook, "pre_forward"):
             hook.pre_forward(self.unet)
 
-    def _demo_inputs(self, subjects: list[list], captions: list[list[str]] | None):
+    def _demo_inputs(self, subjects: list[list], captions: list[list[str]] | None, device=None):
         """Per-example photo lists -> padded (B, K, 3, H, W) in [-1, 1], caption ids (B, K, L), valid (B, K)."""
         if self.suti is None:
             raise SuTIInputError("this pipeline has no SuTI layers (load_suti_adapter first); it draws text only")
@@ -237,8 +239,8 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if len(caps) not in (0, len(photos)):
                 raise SuTIInputError(f"{len(caps)} captions for {len(photos)} subject images")
             texts += [str(c) for c in caps] + [""] * (k_max - len(caps))
-        ids = self.tokenize(texts).view(len(subjects), k_max, -1)
-        device = self._execution_device
+        device = device or self._execution_device
+        ids = self.tokenize(texts, device).view(len(subjects), k_max, -1)
         return images.to(device, self.unet.dtype), ids, valid.to(device)
 
     @torch.no_grad()
@@ -258,10 +260,13 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """One subject's photos -> demo features to reuse across requests (what Serve caches)."""
         return self.encode_demos(*self._demo_inputs([subject_list(images)], None if captions is None else [captions]))
 
-    def prepare_controls(self, b: int, box=None, keypoints=None, edges=None) -> Controls | None:
+    def prepare_controls(self, b: int, box=None, keypoints=None, edges=None, device=None) -> Controls | None:
         """Each control: None, one value for every prompt, or a list with one value (or None) per
         prompt -> the batch's rasterised Controls (None when no prompt has any)."""
         given = {"box": box, "keypoints": keypoints, "edges": edges}
+        if all(v is None for v in given.values()):
+            return None
+        device = device or self._execution_device
         rows: list[dict] = [{} for _ in range(b)]
         for name, value in given.items():
             if value is None:
@@ -274,9 +279,9 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 raise SuTIInputError(f"{len(values)} {name} values for {b} prompts")
             for row, v in zip(rows, values):
                 if v is not None:
-                    row.update(rasterize(self.image_size, device=self._execution_device,
+                    row.update(rasterize(self.image_size, device=device,
                                          **{name: check_control(name, v)}))
-        return batch_controls(rows, self.image_size, self._execution_device)
+        return batch_controls(rows, self.image_size, device)
 
     def prepare_extra_step_kwargs(self, generator, eta):
         """eta (DDIM) and the generator (ancestral and SDE samplers), for schedulers that take them."""
@@ -362,12 +367,12 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         # 2. Encode the prompt and the negative prompt ("" by default: the unconditional text)
         if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompts)
+            prompt_embeds = self.encode_prompt(prompts, device)
         if negative_prompt_embeds is None:
             negatives = [negative_prompt or ""] * b if not isinstance(negative_prompt, list) else negative_prompt
             if len(negatives) != b:
                 raise SuTIInputError(f"{len(negatives)} negative prompts for {b} prompts")
-            negative_prompt_embeds = self.encode_prompt(negatives)
+            negative_prompt_embeds = self.encode_prompt(negatives, device)
         prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(n, 0)
         negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(n, 0)
 
@@ -384,7 +389,7 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             captions = subject_captions if (subject_captions is None or per_prompt) else [subject_captions] * b
             if len(subjects) != b:
                 raise SuTIInputError(f"{len(subjects)} subject photo lists for {b} prompts")
-            demo_inputs = tuple(t.repeat_interleave(n, 0) for t in self._demo_inputs(subjects, captions))
+            demo_inputs = tuple(t.repeat_interleave(n, 0) for t in self._demo_inputs(subjects, captions, device))
             if cache_demo_features:
                 demos, demo_inputs = self.encode_demos(*demo_inputs), None
         if demos is not None and demos.batch_size == b and n > 1:
@@ -392,7 +397,7 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         with_demos = demos is not None or demo_inputs is not None
 
         # 4. Encode the controls: the model's own encoders, ControlNet and T2I-Adapter conditions
-        controls = self.prepare_controls(b, box, keypoints, edges)
+        controls = self.prepare_controls(b, box, keypoints, edges, device)
         controls = controls.repeat(n) if controls is not None and n > 1 else controls
         control = self._prepare_controlnet(control_image, rows, size, controlnet_conditioning_scale,
                                            control_guidance_start, control_guidance_end, num_inference_steps)
@@ -417,6 +422,7 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # 7. Prepare extra step kwargs, and each guidance branch set's step-independent inputs
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         prepared: dict = {}
+        demo_kv = self.suti.neighbour_inputs(demos, dtype) if demos is not None else None
 
         def branch_inputs(branches):
             key = tuple((t, d) for _, t, d in branches)
@@ -424,10 +430,10 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 return prepared[key]
             text = torch.cat([prompt_embeds if use_text else negative_prompt_embeds for _, use_text, _ in branches])
             kv = None
-            if with_demos:
+            if with_demos:  # the demos' keys and values once per call (at every step when uncached)
                 feats = demos if demo_inputs is None else self.encode_demos(*demo_inputs)
-                both = DemoFeatures.cat([feats.with_valid(torch.full((rows,), d, device=device)) for _, _, d in branches])
-                kv = self.suti.neighbour_inputs(both, dtype)
+                per_row = demo_kv if demo_inputs is None else self.suti.neighbour_inputs(feats, dtype)
+                kv = self.suti.tile_neighbour_inputs(per_row, [d for _, _, d in branches], rows)
             residuals = self.suti.encode_controls(None if controls is None else controls.tile(len(branches)), dtype) \
                 if self.suti is not None else None
             prepared[key] = text, kv, residuals

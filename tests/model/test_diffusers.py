@@ -284,3 +284,25 @@ def test_interleaved_guidance_costs_two_passes_a_step(pipe):
                                        guidance_mode="interleaved"))
     with pytest.raises(SuTIInputError, match="guidance_mode"):
         _gen(pipe, guidance_mode="alternate")
+
+
+def test_demo_keys_and_values_are_computed_once_per_call(pipe, monkeypatch):
+    """Every step and guidance branch reuses one set of demo keys and values (per-branch sets are
+    tiled from it), and the execution device is looked up once per call."""
+    ref = _gen(pipe, guidance_scale_text=3.0, guidance_scale_subject=2.0, guidance_mode="interleaved")
+    counts = {"kv": 0, "device": 0}
+    kv, device = pipe.suti.neighbour_inputs, type(pipe)._execution_device
+
+    def counted_kv(*a, **k):
+        counts["kv"] += 1
+        return kv(*a, **k)
+
+    def counted_device(self):
+        counts["device"] += 1
+        return device.fget(self)
+
+    monkeypatch.setattr(pipe.suti, "neighbour_inputs", counted_kv)
+    monkeypatch.setattr(type(pipe), "_execution_device", property(counted_device))
+    out = _gen(pipe, guidance_scale_text=3.0, guidance_scale_subject=2.0, guidance_mode="interleaved")
+    assert counts == {"kv": 1, "device": 1}  # three branch sets over the steps, one computation
+    np.testing.assert_array_equal(out, ref)

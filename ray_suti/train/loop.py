@@ -1,10 +1,12 @@
-"""The per-worker training loop: DeepSpeed ZeRO over a SuTI model, fed by a Ray Data shard.
+"""The Ray Train runner: DeepSpeed ZeRO over a SuTI model, each worker fed by a Ray Data shard.
 
-Every worker runs the same number of steps (Ray Train splits the data into equal shards, and each
-worker loops over its shard), reports at the same steps, and rank 0 writes the checkpoints:
-weights, EMA weights and the step, as safetensors + JSON. After a failure Ray Train restarts the
-workers and ``ray.train.get_checkpoint()`` hands back the last checkpoint; Adam's moments restart
-there (they are not saved, to keep checkpoints pickle-free), under a short learning-rate warm-up.
+The step itself (model, loss, groups, EMA, seeding, restoring) is ``step.py``'s, shared with the
+one-process runner. Every worker runs the same number of steps (Ray Train splits the data into
+equal shards, and each worker loops over its shard) and reports at the same steps. A checkpoint is
+rank 0's weights, EMA and state file plus every rank's DeepSpeed optimizer partition; after a
+failure Ray Train restarts the workers, ``ray.train.get_checkpoint()`` hands back the last
+checkpoint, and training goes on with Adam's moments, the warm-up and each worker's position in its
+shard (raw batches consumed) as they were.
 """
 from __future__ import annotations
 
@@ -16,68 +18,15 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from .checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, load_checkpoint, save_checkpoint, trainable_state
 from .config import TrainConfig
-from .data import Collate, columns
+from .data import Collate
+from .step import (LossModule, check_ema, continued_step, demo_gain, ema_update, probe_batch, restore_weights,
+                   seed_step, set_lr, start_pipeline, trainable_groups)
 
 TORCH_EXTENSIONS_DIR = os.path.expanduser("~/.cache/ray-suti/torch_extensions")
 SMALL_SHARD_ROWS = 4096  # a worker's shard this small is read once and replayed from memory
-
-
-def start_pipeline(cfg: TrainConfig):
-    """The model training starts from: a checkpoint (folder or single file) or a fresh preset."""
-    import dataclasses
-
-    from ..model import SuTIModel, SuTIPipeline
-
-    pipe = SuTIPipeline.from_pretrained(cfg.init_from) if cfg.init_from else SuTIPipeline.from_preset(cfg.preset, seed=cfg.seed)
-    config = pipe.suti_config
-    if cfg.neighbour_cosine and not config.neighbour_cosine:
-        # Switch to cosine neighbour attention: every weight carries over, the temperatures start fresh.
-        model = SuTIModel(dataclasses.replace(config, neighbour_cosine=True), pipe.unet, text_encoder=pipe.text_encoder,
-                          vae=pipe.vae)
-        missing, unexpected = model.load_state_dict(pipe.model.state_dict(), strict=False)
-        if unexpected or any(not k.endswith("logit_scale") for k in missing):
-            raise ValueError(f"cannot switch {cfg.init_from or cfg.preset} to cosine attention: {missing} {unexpected}")
-        pipe = SuTIPipeline.from_model(model, pipe.scheduler)
-    if set(cfg.controls) - set(pipe.controls):
-        # New control encoders: every weight carries over, the encoders start as exact no-ops.
-        names = tuple(dict.fromkeys(pipe.controls + tuple(cfg.controls)))
-        model = SuTIModel(dataclasses.replace(pipe.suti_config, controls=names), pipe.unet,
-                          text_encoder=pipe.text_encoder, vae=pipe.vae)
-        missing, unexpected = model.load_state_dict(pipe.model.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("suti.control_encoders.") for k in missing):
-            raise ValueError(f"cannot add controls to {cfg.init_from or cfg.preset}: {missing} {unexpected}")
-        pipe = SuTIPipeline.from_model(model, pipe.scheduler)
-    if cfg.gradient_checkpointing:
-        pipe.model.enable_gradient_checkpointing()
-    return pipe
-
-
-def continued_step(cfg: TrainConfig) -> int:
-    """A single-file checkpoint of the same mode carries its step count on (training across
-    sessions continues from the committed file); anything else starts at 0."""
-    from ..model import SuTIPipeline
-
-    if not cfg.init_from.endswith(".safetensors"):
-        return 0
-    meta = SuTIPipeline.single_file_metadata(cfg.init_from)
-    return int(meta.get("step", 0)) if meta.get("mode") == cfg.mode else 0
-
-
-class LossModule(nn.Module):
-    """What DeepSpeed wraps: forward(batch) -> scalar loss."""
-
-    def __init__(self, model, cfg: TrainConfig):
-        super().__init__()
-        self.model, self.cfg = model, cfg
-        self.noise = model.noise_scheduler()
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.model.loss(batch, self.noise, demo_grad=self.cfg.demo_grad, noise_repeats=self.cfg.noise_repeats,
-                               high_noise_frac=self.cfg.high_noise_frac)
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
@@ -99,59 +48,6 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     }
 
 
-def probe_batch(cfg: TrainConfig, collate: Collate, n: int = 16) -> dict:
-    """A fixed batch of held-out subjects: the demos-vs-no-demos loss gap is the early signal."""
-    from ..world.oracle import OracleConfig, oracle_example
-    from ..world.subjects import heldout_seeds
-
-    ocfg = OracleConfig(image_size=collate.size, num_demos=cfg.max_demos, seed=12345)
-    rows = [oracle_example(ocfg, i, subject_seed=s) for i, s in enumerate(heldout_seeds(n))]
-    table = {k: [r[k] for r in rows] for k in columns(cfg.mode, cfg.controls)}
-    saved, collate.rng = collate.rng, np.random.default_rng(0)
-    try:
-        batch = collate.icl(table, all_demos=True)
-    finally:
-        collate.rng = saved
-    batch.pop("drop_text"), batch.pop("drop_demos")
-    return batch
-
-
-def trainable_groups(model, cfg: TrainConfig) -> tuple[list, list[dict]]:
-    """(named trainable parameters, optimizer groups): new neighbour layers at ``new_lr``, the rest at
-    ``base_lr``; pretraining leaves the neighbour layers out, latent models freeze the text encoder."""
-    if cfg.mode == "pretrain":
-        model.suti.requires_grad_(False)
-    if not cfg.train_text_encoder or model.config.latent:
-        model.text_encoder.requires_grad_(False)
-    if cfg.adapter_only:  # IP-Adapter's recipe: the base model frozen, only the SuTI layers learn
-        model.requires_grad_(False)
-        model.suti.requires_grad_(True)
-    if cfg.controls_only:  # ControlNet-style: everything else frozen
-        model.requires_grad_(False)
-        model.suti.control_encoders.requires_grad_(True)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_new = lambda n: n.startswith("suti.")  # noqa: E731
-    new = [p for n, p in named if is_new(n)]
-    old = [p for n, p in named if not is_new(n)]
-    groups = [g for g in ({"params": old, "lr": cfg.base_lr, "initial_lr": cfg.base_lr},
-                          {"params": new, "lr": cfg.new_lr, "initial_lr": cfg.new_lr}) if g["params"]]
-    return named, groups
-
-
-def set_lr(optimizer, cfg: TrainConfig, step: int, resumed_from: int) -> None:
-    """Linear warm-up from every (re)start: Adam's moments start empty there."""
-    warm = min(1.0, (step - resumed_from + 1) / max(1, cfg.warmup_steps))
-    for g in optimizer.param_groups:
-        g["lr"] = g["initial_lr"] * warm
-
-
-@torch.no_grad()
-def ema_update(ema: dict, named: list, decay: float, step: int) -> None:
-    decay = min(decay, (1 + step) / (10 + step))  # short memory early, when weights move fast
-    for n, p in named:
-        ema[n].mul_(decay).add_(p.detach().float().to(ema[n].device), alpha=1 - decay)
-
-
 def _gathered(params, stage: int):
     if stage < 3:
         return contextlib.nullcontext()
@@ -160,27 +56,32 @@ def _gathered(params, stage: int):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def raw_batches(shard, cfg: TrainConfig, step: int):
-    """The worker's rows as numpy batches, epoch after epoch, shuffled locally. A shard of at most
+def raw_batches(shard, cfg: TrainConfig, rank: int, skip: int = 0):
+    """The worker's rows as numpy batches, epoch after epoch, shuffled locally with a seed of (seed,
+    rank, epoch); the first ``skip`` are passed over (a resumed run's position). A shard of at most
     ``SMALL_SHARD_ROWS`` rows is kept after its first epoch and replayed in a new order each time:
     re-reading a few rows costs a Ray Data execution (seconds) per epoch."""
-    epoch, kept, rows = 0, [], 0
+    epoch, kept, rows, index = 0, [], 0, 0
     while True:
         for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                       local_shuffle_buffer_size=cfg.shuffle_buffer,
-                                      local_shuffle_seed=cfg.seed + 1000 * epoch + step):
+                                      local_shuffle_seed=cfg.seed + 1000 * epoch + 7919 * rank):
             rows += len(next(iter(raw.values())))
             if rows <= SMALL_SHARD_ROWS:
                 kept.append(raw)
-            yield raw
+            if index >= skip:
+                yield raw
+            index += 1
         epoch += 1
         if 0 < rows <= SMALL_SHARD_ROWS:
             break
         kept, rows = [], 0
-    rng = np.random.default_rng(cfg.seed + step)
+    rng = np.random.default_rng([cfg.seed, rank])
     while True:
         for i in rng.permutation(len(kept)):
-            yield kept[i]
+            if index >= skip:
+                yield kept[i]
+            index += 1
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -199,57 +100,62 @@ def train_loop_per_worker(config: dict) -> None:
 
     pipe = start_pipeline(cfg)
     model = pipe.model
-    step, ema = continued_step(cfg), None
+    named, groups = trainable_groups(model, cfg)
+    step = warm_from = continued_step(cfg)
+    ema, state, ckpt_dir = None, {}, None
     # Ray's own checkpoint after a restart wins; else --resume-from (a folder or a URI, downloaded)
     ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.resume_from) if cfg.resume_from else None)
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            weights, ema, state = load_checkpoint(d)
-        from ..model.loading import upgrade_keys
-
-        model.load_state_dict(upgrade_keys(weights), strict=False)
-        step = state["step"]
+    with contextlib.ExitStack() as stack:
+        if ckpt is not None:
+            ckpt_dir = stack.enter_context(ckpt.as_directory())
+            weights, ema, state = load_checkpoint(ckpt_dir)
+            restore_weights(model, weights, cfg.resume_from or "the run's last checkpoint")
+            check_ema(ema, named, cfg.resume_from or "the run's last checkpoint")
+            step = warm_from = state["step"]
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        engine, optimizer, _, _ = deepspeed.initialize(model=LossModule(model, cfg).to(device), optimizer=optimizer,
+                                                       config=deepspeed_config(cfg))
+        restored = ckpt_dir is not None and _load_optimizer(engine, ckpt_dir, state, world)
+        if restored:  # Adam's moments carry on, and so does the warm-up
+            warm_from = state.get("warm_from", 0)
     resumed_from = step
-
-    named, groups = trainable_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    engine, optimizer, _, _ = deepspeed.initialize(model=LossModule(model, cfg).to(device), optimizer=optimizer,
-                                                   config=deepspeed_config(cfg))
+    position = state.get("data_positions", {}).get(str(rank), 0) if restored else 0
     ema_names = [n for n, _ in named]
     ema = {n: v.to(device) for n, v in ema.items()} if ema is not None and rank == 0 else ema
     with _gathered([p for _, p in named], cfg.zero_stage):
         if rank == 0 and ema is None:
             ema = {n: p.detach().float().clone() for n, p in named}  # on the worker's device
 
-    collate = Collate(cfg, pipe.tokenizer, model.config.image_size, model.config.max_text_len,
-                      seed=cfg.seed * 1_000_003 + rank * 7919 + step)
+    collate = Collate(cfg, pipe.tokenizer, model.config.image_size, model.config.max_text_len, seed=cfg.seed)
     probe = probe_batch(cfg, collate) if cfg.mode == "suti" else None
     shard = ray.train.get_dataset_shard("train")
 
     def batches():
-        """Collated batches of exactly ``batch_size`` rows, forever: the rows an epoch leaves over are
-        carried into the next, so a shard smaller than a batch still trains (with drop_last it
-        yielded nothing and the run never ended)."""
-        carry = None
-        for raw in raw_batches(shard, cfg, step):
-            batch = collate(raw)
+        """(collated batch of exactly ``batch_size`` rows, raw batches consumed), forever: the rows
+        an epoch leaves over are carried into the next, so a shard smaller than a batch still trains
+        (with drop_last it yielded nothing and the run never ended)."""
+        carry, consumed = None, position
+        for raw in raw_batches(shard, cfg, rank, skip=position):
+            collate.rng = np.random.default_rng([cfg.seed, rank, consumed])  # per raw batch: resumable
+            batch, consumed = collate(raw), consumed + 1
             if carry is not None:
                 batch = {k: torch.cat([carry[k], v]) for k, v in batch.items()}
             while batch["target"].shape[0] >= cfg.batch_size:
-                yield {k: v[:cfg.batch_size] for k, v in batch.items()}
+                yield {k: v[:cfg.batch_size] for k, v in batch.items()}, consumed
                 batch = {k: v[cfg.batch_size:] for k, v in batch.items()}
             carry = batch
 
     losses, last_time, last_step, last_batch = [], time.time(), step, None
     dtype = torch.bfloat16 if cfg.use_gpu else torch.float32
-    for batch in batches():
+    for batch, position in batches():
         if step >= cfg.steps:
             break
         if batch["target"].shape[0] == 0:  # every row broken: reuse the last batch, never skip a
             batch = last_batch  # collective step
         last_batch = batch
         batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
-        set_lr(optimizer, cfg, step, resumed_from)
+        seed_step(cfg, step, rank)
+        set_lr(optimizer, cfg, step, warm_from)
         loss = engine(batch)
         engine.backward(loss)
         engine.step()
@@ -266,6 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"step": step, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
                    "samples_per_s": world * cfg.batch_size * (step - last_step) / max(elapsed, 1e-9),
                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "resumed_from": resumed_from,
+                   "optimizer_restored": bool(restored),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if probe is not None and cfg.probe_every > 0 and (step % cfg.probe_every == 0 or step == cfg.steps):
             metrics["demo_gain"] = demo_gain(engine.module.model, probe, device)
@@ -278,25 +185,26 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         with _gathered([p for _, p in model.named_parameters()], cfg.zero_stage):
             weights = trainable_state(model) if rank == 0 else None
+        positions = [None] * world  # every worker's place in its own shard
+        torch.distributed.all_gather_object(positions, position)
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
+            # every rank writes its optimizer partition; Ray Train merges the ranks' folders
+            engine.save_checkpoint(os.path.join(tmp, DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+                                   exclude_frozen_parameters=True)
             if rank == 0:
                 save_checkpoint(tmp, weights, {n: ema[n].cpu() for n in ema_names},
-                                {"step": step, "suti_config": model.config.to_dict(), "train_config": config})
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+                                {"step": step, "warm_from": warm_from, "world_size": world,
+                                 "data_positions": {str(r): p for r, p in enumerate(positions)},
+                                 "suti_config": model.config.to_dict(), "train_config": config})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-@torch.no_grad()
-def demo_gain(model, probe: dict, device) -> float:
-    """1 - loss(with demos) / loss(demos dropped), same noise and timesteps: > 0 once demos help."""
-    was_training = model.training
-    model.eval()
-    dtype = next(model.unet.parameters()).dtype  # bf16 under DeepSpeed on GPU
-    batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in probe.items()}
-    scheduler = model.noise_scheduler()
-    with_demos = model.loss(batch, scheduler, generator=torch.Generator(device).manual_seed(0), noise_repeats=4)
-    batch["drop_demos"] = torch.ones(batch["target"].shape[0], dtype=torch.bool, device=device)
-    without = model.loss(batch, scheduler, generator=torch.Generator(device).manual_seed(0), noise_repeats=4)
-    model.train(was_training)
-    return float(1 - with_demos / without)
+def _load_optimizer(engine, ckpt_dir: str, state: dict, world: int) -> bool:
+    """DeepSpeed's optimizer partitions of a checkpoint written by as many workers -> True, else
+    False (an older checkpoint without them, or another world size: Adam starts afresh, warmed up)."""
+    folder = os.path.join(ckpt_dir, DEEPSPEED_DIR)
+    if not os.path.isdir(os.path.join(folder, DEEPSPEED_TAG)) or state.get("world_size") != world:
+        return False
+    path, _ = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG, load_module_strict=False, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    return path is not None

@@ -25,14 +25,11 @@ def export_checkpoint(checkpoint_dir: str, cfg: TrainConfig, command: str = "") 
     """EMA weights of a training checkpoint -> the ``from_pretrained`` folder and/or one file
     (local paths or URIs)."""
     from .checkpoint import load_checkpoint
-    from .loop import start_pipeline
+    from .step import restore_weights, start_pipeline
 
     weights, ema, state = load_checkpoint(checkpoint_dir)
     pipe = start_pipeline(cfg)
-    model_state = {**weights, **ema}
-    from ..model.loading import upgrade_keys
-
-    pipe.model.load_state_dict(upgrade_keys(model_state), strict=False)
+    restore_weights(pipe.model, {**weights, **ema}, checkpoint_dir)
     if cfg.export:
         pipe.save_pretrained(cfg.export)
     if cfg.export_file:
@@ -50,7 +47,8 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..utils.ray_utils import init_ray
-    from .loop import continued_step, train_loop_per_worker
+    from .loop import train_loop_per_worker
+    from .step import continued_step
 
     start = continued_step(cfg)
     if start >= cfg.steps and not cfg.resume_from:

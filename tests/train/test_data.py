@@ -76,7 +76,7 @@ def test_bad_train_config_is_refused():
 
 
 def test_a_single_file_of_the_same_mode_carries_its_step_on(tmp_path):
-    from ray_suti.train.loop import continued_step
+    from ray_suti.train.step import continued_step
 
     pipe = SuTIPipeline.from_preset("tiny-32")
     pipe.save_single_file(str(tmp_path / "suti.safetensors"), metadata={"step": 321, "mode": "suti"})
@@ -104,7 +104,7 @@ def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_noisier_half
 
 
 def test_training_can_switch_a_checkpoint_to_cosine_attention(tmp_path):
-    from ray_suti.train.loop import start_pipeline
+    from ray_suti.train.step import start_pipeline
 
     pipe = SuTIPipeline.from_preset("tiny-32")
     pipe.save_single_file(str(tmp_path / "m.safetensors"), dtype=torch.float32)
@@ -146,7 +146,7 @@ def test_training_adds_control_encoders_and_drops_each_control_at_random(tmp_pat
     import pyarrow.parquet as pq
 
     from ray_suti.train.data import Collate
-    from ray_suti.train.loop import start_pipeline, trainable_groups
+    from ray_suti.train.step import start_pipeline, trainable_groups
     from ray_suti.world.oracle import OracleConfig, write_oracle_shard
 
     from ..conftest import REPO

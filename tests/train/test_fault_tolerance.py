@@ -1,5 +1,6 @@
 """A training worker process is killed mid-run: Ray Train restarts it, the run resumes from the last
-checkpoint and finishes, losing only the steps since that checkpoint."""
+checkpoint (weights, EMA, DeepSpeed's optimizer partitions, data position) and finishes, losing only
+the steps since that checkpoint."""
 import glob
 import json
 import os
@@ -59,4 +60,7 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_local):
     assert metrics["resumed_from"] % cfg.checkpoint_every == 0
     assert killed_after - cfg.checkpoint_every <= metrics["resumed_from"] < 40
     assert metrics["resumed_from"] >= cfg.checkpoint_every
+    assert metrics["optimizer_restored"] is True  # Adam's moments came back, not a fresh optimizer
+    last = glob.glob(os.path.join(storage, "*", "checkpoint_*", "deepspeed", "state", "*optim_states.pt"))
+    assert last, "the checkpoints carry DeepSpeed's optimizer partitions"
     assert os.path.getsize(tmp_path / "final.safetensors") > 1_000_000

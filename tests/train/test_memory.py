@@ -3,7 +3,7 @@ import torch
 
 from ray_suti.model import SuTIModel, get_preset
 from ray_suti.train.config import TrainConfig
-from ray_suti.train.loop import start_pipeline
+from ray_suti.train.step import start_pipeline
 
 
 def _batch(cfg, b=3, k=2, seed=0):

@@ -54,6 +54,13 @@ def _apprentice(args: argparse.Namespace) -> int:
     return _run_stage(run_apprentice, cfg, f"ICL-V2 examples: {cfg.output}/examples   stats: {cfg.output}/stats.json")
 
 
+def _encode(args: argparse.Namespace) -> int:
+    from .encode.job import EncodeConfig, run_encode
+
+    cfg = from_args(EncodeConfig, args)
+    return _run_stage(run_encode, cfg, f"cached inputs: {cfg.output}   (use: ray-suti train --latents {cfg.output})")
+
+
 def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -199,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apprentice", help="stage 3: DreamBooth experts draw ICL-V2 targets for each cluster (Ray actors)")
     add_dataclass_args(p, ApprenticeConfig)
     p.set_defaults(func=_apprentice)
+
+    from .encode.job import EncodeConfig
+
+    p = sub.add_parser("encode", help="stage 3b: cache VAE latents and text states of ICL-V2 examples (Ray Data actors)")
+    add_dataclass_args(p, EncodeConfig)
+    p.set_defaults(func=_encode)
 
     p = sub.add_parser("pretrain", help="stage 2: train the base text-to-image model on web pairs (Ray Train)")
     add_dataclass_args(p, TrainConfig, skip=("mode",))

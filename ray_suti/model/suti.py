@@ -125,28 +125,40 @@ class SuTIModel(nn.Module):
         batch: ``target`` (B, 3, H, W), ``prompt_ids`` (B, L), optional ``drop_text`` (B,) and, for
         in-context examples, ``demo_images`` (B, K, 3, H, W), ``demo_caption_ids`` (B, K, L),
         ``demo_valid`` (B, K) and optional ``drop_demos`` (B,); optional controls (a Controls
-        as ``Controls.to_batch()`` keys, its controls already dropped at random per row). Each target is trained at
-        ``noise_repeats`` noise levels while its text and demos are encoded once. A fraction
-        ``high_noise_frac`` of the timesteps is drawn from the noisier half only, where the demos
-        decide most (measured: demos cut the loss 8-13% at t >= 600, 0.5-3% at t <= 300).
+        as ``Controls.to_batch()`` keys, its controls already dropped at random per row). Cached
+        inputs (``ray-suti encode``, latent models) replace the first four with ``target_latents``
+        (B, C, h, w), ``prompt_states`` (B, L, D; the empty prompt's where the text is dropped),
+        ``demo_latents`` (B, K, C, h, w) and ``demo_caption_states`` (B, K, L, D): neither the VAE
+        nor the text encoder runs. Each target is trained at ``noise_repeats`` noise levels while
+        its text and demos are encoded once. A fraction ``high_noise_frac`` of the timesteps is drawn
+        from the noisier half only, where the demos decide most.
         """
-        target = batch["target"]
-        b, device, r = target.shape[0], target.device, noise_repeats
-        prompt_ids = batch["prompt_ids"]
-        if "drop_text" in batch:
-            prompt_ids = torch.where(batch["drop_text"][:, None], self.null_prompt_ids(b, device), prompt_ids)
+        cached, r = "target_latents" in batch, noise_repeats
+        target = batch["target_latents"] if cached else batch["target"]
+        b, device = target.shape[0], target.device
+        if cached:
+            text = batch["prompt_states"]
+        else:
+            prompt_ids = batch["prompt_ids"]
+            if "drop_text" in batch:
+                prompt_ids = torch.where(batch["drop_text"][:, None], self.null_prompt_ids(b, device), prompt_ids)
+            text = self.encode_text(prompt_ids)
         demos = None
-        if "demo_images" in batch:
+        if "demo_valid" in batch:
             with torch.set_grad_enabled(demo_grad and torch.is_grad_enabled()):
-                demos = self.encode_demos(batch["demo_images"], batch["demo_caption_ids"], batch["demo_valid"])
+                if cached:
+                    demos = self.suti.encode_demos(self.unet, batch["demo_latents"], batch["demo_caption_states"],
+                                                   batch["demo_valid"])
+                else:
+                    demos = self.encode_demos(batch["demo_images"], batch["demo_caption_ids"], batch["demo_valid"])
             if "drop_demos" in batch:
                 demos = demos.with_valid(~batch["drop_demos"])
             demos = demos.repeat(r) if r > 1 else demos
-        residuals = self.suti.encode_controls(Controls.from_batch(batch), target.dtype)
+        x0 = target if cached else self.to_model_space(target)
+        residuals = self.suti.encode_controls(Controls.from_batch(batch), x0.dtype)
         if residuals is not None and r > 1:
             residuals = ([t.repeat_interleave(r, 0) for t in residuals[0]], residuals[1].repeat_interleave(r, 0))
-        text = self.encode_text(prompt_ids).repeat_interleave(r, 0)
-        x0 = self.to_model_space(target).repeat_interleave(r, 0)
+        text, x0 = text.repeat_interleave(r, 0), x0.repeat_interleave(r, 0)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         steps = scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (b * r,), generator=generator, device=device)

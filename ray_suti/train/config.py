@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 class TrainConfig:
     mode: str = field(default="suti", metadata={"help": "suti (ICL-V2 examples) or pretrain (web pairs, text-to-image)"})
     data: str = field(default="runs/oracle", metadata={"help": "Parquet folder or URI: ICL-V2 for suti, web pairs for pretrain"})
+    latents: str = field(default="", metadata={"help": "cached inputs (ray-suti encode output) to train on instead "
+                                                       "of --data: neither the VAE nor the text encoder runs"})
     preset: str = field(default="tiny-32", metadata={"help": "model preset when not starting from a checkpoint"})
     init_from: str = field(default="", metadata={"help": "start weights: a checkpoint folder or single .safetensors file"})
     resume_from: str = field(default="", metadata={"help": "a training checkpoint folder to resume (step, weights, EMA)"})
@@ -73,6 +75,8 @@ class TrainConfig:
             raise ValueError("controls_only needs --controls")
         if self.controls and self.mode != "suti":
             raise ValueError("controls are trained in suti mode (ICL-V2 examples carry them)")
+        if self.latents and self.mode != "suti":
+            raise ValueError("--latents holds encoded ICL-V2 examples: suti mode")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
             raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, "
                              f"got {self.placement_strategy!r}")

@@ -2,7 +2,9 @@
 
 Web pairs (pretrain): decode, drop broken records, resize to the model's size. ICL-V2 (suti): pick
 1..max_demos demos at random (so every demo count is learnt), pad them with a validity mask, and
-draw the text and demo dropouts for classifier-free guidance.
+draw the text and demo dropouts for classifier-free guidance. Cached inputs (``ray-suti encode``
+output, latent models): the same draws over stored VAE latents and text-encoder states instead of
+images and token ids, so the same seed gives the same batch either way.
 """
 from __future__ import annotations
 
@@ -29,12 +31,19 @@ def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-class Collate:
-    """``iter_torch_batches(collate_fn=...)``: a dict of numpy columns -> the loss's batch dict."""
+def batch_rows(batch: dict) -> int:
+    return batch["drop_text"].shape[0]
 
-    def __init__(self, cfg: TrainConfig, tokenizer, image_size: int, max_len: int, seed: int):
+
+class Collate:
+    """``iter_torch_batches(collate_fn=...)``: a dict of numpy columns -> the loss's batch dict.
+    ``null_prompt``: the empty prompt's text-encoder states (L, D), for batches of cached inputs."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, image_size: int, max_len: int, seed: int,
+                 null_prompt: torch.Tensor | None = None):
         self.cfg, self.tokenizer, self.size, self.max_len = cfg, tokenizer, image_size, max_len
         self.rng = np.random.default_rng(seed)
+        self.null_prompt = null_prompt
 
     def tokens(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts, padding="max_length", max_length=self.max_len, truncation=True,
@@ -60,45 +69,90 @@ class Collate:
                 "drop_text": self.drops(n, self.cfg.text_drop)}
 
     def icl(self, batch: dict, all_demos: bool = False) -> dict:
+        cached = "target_latent" in batch
+        if cached:  # stored tensors; demos and their captions' states were checked when encoded
+            targets = [None if t is None else from_bytes(t) for t in batch["target_latent"]]
+            demo_lists = [[] if d is None else list(zip(map(from_bytes, d), map(from_bytes, c)))
+                          for d, c in zip(batch["demo_latents"], batch["demo_caption_states"])]
+            prompts = [None if p is None else from_bytes(p) for p in batch["prompt_states"]]
+        else:
+            targets = [decode(t, self.size) for t in batch["target_image"]]
+            demo_lists = [[p for p in ((decode(d, self.size), str(c or "")) for d, c in zip(demos, caps))
+                           if p[0] is not None] for demos, caps in zip(batch["demo_images"], batch["demo_captions"])]
+            prompts = [str(p) for p in batch["target_prompt"]]
         k_max, rows, control_rows = self.cfg.max_demos, [], []
-        for j, (demos, caps, target, prompt) in enumerate(zip(batch["demo_images"], batch["demo_captions"],
-                                                              batch["target_image"], batch["target_prompt"])):
-            tgt = decode(target, self.size)
-            pairs = [(decode(d, self.size), str(c or "")) for d, c in zip(demos, caps)]
-            pairs = [p for p in pairs if p[0] is not None]
+        for j, (tgt, pairs, prompt) in enumerate(zip(targets, demo_lists, prompts)):
             if tgt is None or not pairs:
                 continue
             k = min(len(pairs), k_max)
             k = k if all_demos or self.rng.random() < 0.5 else int(self.rng.integers(1, k + 1))
             chosen = [pairs[i] for i in self.rng.permutation(len(pairs))[:k]]
-            rows.append((tgt, str(prompt), chosen))
+            rows.append((tgt, prompt, chosen))
             if self.cfg.controls:  # each control dropped on its own, so every subset is learnt
-                maps = row_controls({c: batch[c][j] for c in columns("suti", self.cfg.controls)[4:]},
+                maps = row_controls({c: batch[c][j] for c in CONTROL_COLUMNS.values() if c in batch},
                                     self.cfg.controls, self.size)
                 control_rows.append({n: m for n, m in maps.items() if self.rng.random() >= self.cfg.control_drop})
-        n, s = len(rows), self.size
-        demo_images = torch.zeros(n, k_max, 3, s, s)
+        n = len(rows)
         valid = torch.zeros(n, k_max, dtype=torch.bool)
-        captions = []
         for i, (_, _, chosen) in enumerate(rows):
-            demo_images[i, : len(chosen)] = _to_tensor([c[0] for c in chosen])
             valid[i, : len(chosen)] = True
-            captions += [c[1] for c in chosen] + [""] * (k_max - len(chosen))
-        out = {"target": _to_tensor([r[0] for r in rows]), "prompt_ids": self.tokens([r[1] for r in rows]),
-               "demo_images": demo_images, "demo_caption_ids": self.tokens(captions).view(n, k_max, -1),
-               "demo_valid": valid, "drop_text": self.drops(n, self.cfg.text_drop),
+        out = {"demo_valid": valid, "drop_text": self.drops(n, self.cfg.text_drop),
                "drop_demos": self.drops(n, self.cfg.demo_drop)}
+        if cached:
+            out.update(self._cached_tensors(rows, k_max, out["drop_text"]))
+        else:
+            s = self.size
+            demo_images = torch.zeros(n, k_max, 3, s, s)
+            captions = []
+            for i, (_, _, chosen) in enumerate(rows):
+                demo_images[i, : len(chosen)] = _to_tensor([c[0] for c in chosen])
+                captions += [c[1] for c in chosen] + [""] * (k_max - len(chosen))
+            out.update({"target": _to_tensor([r[0] for r in rows]), "prompt_ids": self.tokens([r[1] for r in rows]),
+                        "demo_images": demo_images, "demo_caption_ids": self.tokens(captions).view(n, k_max, -1)})
         if self.cfg.controls:  # every batch has the same keys, present or not
             from ..model.controls import batch_controls
 
             out.update(batch_controls(control_rows, self.size, names=self.cfg.controls).to_batch())
         return out
 
+    def _cached_tensors(self, rows: list, k_max: int, drop_text: torch.Tensor) -> dict:
+        """Cached rows -> target latents, prompt states (the empty prompt's where the text is dropped,
+        as the model would encode it) and padded demo latents and caption states."""
+        if self.null_prompt is None:
+            raise ValueError("cached inputs need the empty prompt's states (null_prompt.safetensors of the encode output)")
+        n, (lat, txt) = len(rows), (rows[0][2][0][0].shape, rows[0][2][0][1].shape) if rows else ((0,), (0,))
+        demo_latents, demo_states = torch.zeros(n, k_max, *lat), torch.zeros(n, k_max, *txt)
+        for i, (_, _, chosen) in enumerate(rows):
+            for j, (latent, states) in enumerate(chosen):
+                demo_latents[i, j], demo_states[i, j] = latent, states
+        prompts = torch.stack([r[1] for r in rows]) if rows else torch.zeros(0, *txt)
+        prompts = torch.where(drop_text[:, None, None], self.null_prompt.to(prompts.dtype), prompts)
+        return {"target_latents": torch.stack([r[0] for r in rows]) if rows else torch.zeros(0, *lat),
+                "prompt_states": prompts, "demo_latents": demo_latents, "demo_caption_states": demo_states}
 
-def columns(mode: str, controls: tuple = ()) -> list[str]:
+
+def to_bytes(t: torch.Tensor, dtype=np.float16) -> bytes:
+    """A cached tensor as Parquet bytes: a little header of its shape, then the values."""
+    a = t.detach().cpu().float().numpy().astype(dtype)
+    return np.asarray([a.ndim, *a.shape, np.dtype(dtype).itemsize], np.int32).tobytes() + a.tobytes()
+
+
+def from_bytes(data: bytes) -> torch.Tensor:
+    head = np.frombuffer(data, np.int32, count=1)[0]
+    shape = tuple(np.frombuffer(data, np.int32, count=head + 2)[1:head + 1])
+    itemsize = int(np.frombuffer(data, np.int32, count=head + 2)[-1])
+    values = np.frombuffer(data, {2: np.float16, 4: np.float32}[itemsize], offset=4 * (head + 2))
+    return torch.from_numpy(values.astype(np.float32).reshape(shape))
+
+
+def columns(mode: str, controls: tuple = (), cached: bool = False) -> list[str]:
     if mode == "pretrain":
         return ["image", "caption"]
-    return ["demo_images", "demo_captions", "target_image", "target_prompt"] + [CONTROL_COLUMNS[c] for c in controls]
+    inputs = CACHED_COLUMNS if cached else ["demo_images", "demo_captions", "target_image", "target_prompt"]
+    return inputs + [CONTROL_COLUMNS[c] for c in controls]
+
+
+CACHED_COLUMNS = ["demo_latents", "demo_caption_states", "target_latent", "prompt_states"]
 
 
 CONTROL_COLUMNS = {"box": "target_box", "keypoints": "target_keypoints", "edges": "target_edges"}

@@ -28,9 +28,10 @@ import torch
 from ..config import add_dataclass_args, from_args
 from .checkpoint import load_checkpoint, load_optimizer, save_checkpoint, trainable_state
 from .config import TrainConfig
-from .data import Collate, columns
-from .step import (LossModule, check_ema, continued_step, demo_gain, ema_update, load_optimizer_state, optimizer_state,
-                   probe_batch, restore_weights, seed_step, set_lr, start_pipeline, trainable_groups)
+from .data import Collate, batch_rows
+from .step import (LossModule, check_ema, continued_step, demo_gain, ema_update, load_optimizer_state, make_collate,
+                   optimizer_state, probe_batch, restore_weights, seed_step, set_lr, start_pipeline, trainable_groups,
+                   training_data)
 
 
 class ParquetStream(torch.utils.data.IterableDataset):
@@ -41,12 +42,13 @@ class ParquetStream(torch.utils.data.IterableDataset):
     def __init__(self, cfg: TrainConfig, collate: Collate, start: int = 0):
         self.cfg, self.collate, self.start = cfg, collate, start
         self._rows: dict[str, int] = {}
+        self.folder, self.columns = training_data(cfg)
         if not self.files():
-            raise FileNotFoundError(f"no Parquet files in {cfg.data}")
+            raise FileNotFoundError(f"no Parquet files in {self.folder}")
 
     def files(self) -> list[str]:
         # Listed again on every pass: a generator may still be adding shards (train_tiny32.sh).
-        return sorted(glob.glob(os.path.join(self.cfg.data, "*.parquet")))
+        return sorted(glob.glob(os.path.join(self.folder, "*.parquet")))
 
     def plans(self):
         """Each batch as [(file, row)], forever: every pass visits the files in a new order and the
@@ -72,12 +74,12 @@ class ParquetStream(torch.utils.data.IterableDataset):
         for index, plan in enumerate(self.plans()):
             if index < self.start or (index - self.start) % n != wid:
                 continue
-            tables = {p: tables.get(p) or pq.read_table(p, columns=columns(self.cfg.mode, self.cfg.controls))
+            tables = {p: tables.get(p) or pq.read_table(p, columns=self.columns)
                       for p in dict.fromkeys(p for p, _ in plan)}  # only the files this batch reads
             rows = pa.concat_tables([tables[p].slice(r, 1) for p, r in plan]).to_pydict()
             self.collate.rng = np.random.default_rng([self.cfg.seed, index])  # per batch: skipping keeps it
             batch = self.collate({k: np.array(v, dtype=object) for k, v in rows.items()})
-            if batch["target"].shape[0]:
+            if batch_rows(batch):
                 yield batch
 
 
@@ -107,7 +109,7 @@ def train_local(cfg: TrainConfig, loader_workers: int = 4, command: str = "", ma
               f"{'restored' if saved is not None else 'not saved there (warm-up again)'}", file=sys.stderr)
     ema = {n: p.detach().float().clone() for n, p in named} if ema is None else {n: v.to(device) for n, v in ema.items()}
     loss_module = LossModule(model, cfg)
-    collate = Collate(cfg, pipe.tokenizer, model.config.image_size, model.config.max_text_len, seed=cfg.seed)
+    collate = make_collate(cfg, pipe, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(ParquetStream(cfg, collate, start=position), batch_size=None,
                                          num_workers=loader_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=loader_workers > 0)

@@ -21,9 +21,9 @@ import torch
 
 from .checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, load_checkpoint, save_checkpoint, trainable_state
 from .config import TrainConfig
-from .data import Collate
-from .step import (LossModule, check_ema, continued_step, demo_gain, ema_update, probe_batch, restore_weights,
-                   seed_step, set_lr, start_pipeline, trainable_groups)
+from .data import batch_rows
+from .step import (LossModule, check_ema, continued_step, demo_gain, ema_update, make_collate, probe_batch,
+                   restore_weights, seed_step, set_lr, start_pipeline, trainable_groups)
 
 TORCH_EXTENSIONS_DIR = os.path.expanduser("~/.cache/ray-suti/torch_extensions")
 SMALL_SHARD_ROWS = 4096  # a worker's shard this small is read once and replayed from memory
@@ -126,7 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and ema is None:
             ema = {n: p.detach().float().clone() for n, p in named}  # on the worker's device
 
-    collate = Collate(cfg, pipe.tokenizer, model.config.image_size, model.config.max_text_len, seed=cfg.seed)
+    collate = make_collate(cfg, pipe, seed=cfg.seed)
     probe = probe_batch(cfg, collate) if cfg.mode == "suti" else None
     shard = ray.train.get_dataset_shard("train")
 
@@ -140,7 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch, consumed = collate(raw), consumed + 1
             if carry is not None:
                 batch = {k: torch.cat([carry[k], v]) for k, v in batch.items()}
-            while batch["target"].shape[0] >= cfg.batch_size:
+            while batch_rows(batch) >= cfg.batch_size:
                 yield {k: v[:cfg.batch_size] for k, v in batch.items()}, consumed
                 batch = {k: v[cfg.batch_size:] for k, v in batch.items()}
             carry = batch
@@ -150,7 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
     for batch, position in batches():
         if step >= cfg.steps:
             break
-        if batch["target"].shape[0] == 0:  # every row broken: reuse the last batch, never skip a
+        if batch_rows(batch) == 0:  # every row broken: reuse the last batch, never skip a
             batch = last_batch  # collective step
         last_batch = batch
         batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}

@@ -145,6 +145,33 @@ def demo_gain(model, probe: dict, device) -> float:
     return float(1 - with_demos / without)
 
 
+def training_data(cfg: TrainConfig) -> tuple[str, list[str]]:
+    """(Parquet folder or URI, columns) a runner reads: examples or web pairs, or cached inputs."""
+    return (cfg.latents or cfg.data), columns(cfg.mode, cfg.controls, cached=bool(cfg.latents))
+
+
+def make_collate(cfg: TrainConfig, pipe, seed: int) -> Collate:
+    """The batch builder; for cached inputs, with the empty prompt's stored states, after checking
+    the cache was made by a model of this one's shapes."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ..utils import storage
+
+    model, null = pipe.model, None
+    if cfg.latents:
+        info = json.loads(storage.read_bytes(storage.join(cfg.latents, "encoder.json")))
+        c = model.unet.config
+        want = {"latent_shape": [c.in_channels, c.sample_size, c.sample_size],
+                "text_states_shape": [model.config.max_text_len, model.text_encoder.config.hidden_size]}
+        if model.vae is None or any(info[k] != v for k, v in want.items()):
+            raise ValueError(f"{cfg.latents} was encoded for another model ({info['checkpoint']}: "
+                             f"{ {k: info[k] for k in want} }; this one: {want})")
+        null = load_file(storage.local_copy(storage.join(cfg.latents, "null_prompt.safetensors")))["null_prompt"]
+    return Collate(cfg, pipe.tokenizer, model.config.image_size, model.config.max_text_len, seed=seed, null_prompt=null)
+
+
 def seed_step(cfg: TrainConfig, step: int, rank: int = 0) -> None:
     """Seeds the global torch RNG (the loss's noise and timesteps) from (seed, rank, step) alone."""
     torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)

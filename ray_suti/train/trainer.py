@@ -7,7 +7,6 @@ import time
 from dataclasses import asdict, replace
 
 from .config import TrainConfig
-from .data import columns
 
 
 def _storage(path: str) -> str:
@@ -17,7 +16,7 @@ def _storage(path: str) -> str:
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute: Ray Train workers run in another working directory, where
     ``--init-from checkpoints/x.safetensors`` would not be found. URIs are left alone."""
-    fields = ("data", "init_from", "resume_from", "storage_path", "export", "export_file", "export_adapter")
+    fields = ("data", "latents", "init_from", "resume_from", "storage_path", "export", "export_file", "export_adapter")
     return replace(cfg, **{f: _storage(getattr(cfg, f)) for f in fields if getattr(cfg, f)})
 
 
@@ -48,7 +47,7 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
 
     from ..utils.ray_utils import init_ray
     from .loop import train_loop_per_worker
-    from .step import continued_step
+    from .step import continued_step, training_data
 
     start = continued_step(cfg)
     if start >= cfg.steps and not cfg.resume_from:
@@ -56,7 +55,8 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
                          f"(steps count from it; e.g. --steps {start + cfg.steps})")
     init_ray()
     cfg = with_absolute_paths(cfg)
-    dataset = ray.data.read_parquet(cfg.data, num_cpus=cfg.data_cpus).select_columns(columns(cfg.mode, cfg.controls))
+    folder, names = training_data(cfg)
+    dataset = ray.data.read_parquet(folder, num_cpus=cfg.data_cpus).select_columns(names)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -94,6 +94,20 @@ def from_pretrained(cls, path: str, kwargs: dict, diffusers_from_pretrained):
                       f"Face Hub did not provide it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
+def image_size_of(checkpoint: str) -> int:
+    """The pixel size a preset or saved model draws, read from its configs (no weights loaded)."""
+    from ..utils import storage
+
+    if checkpoint in PRESETS:
+        return get_preset(checkpoint).image_size
+    if checkpoint.endswith(".safetensors"):
+        return json.loads(single_file_metadata(checkpoint)["suti_config"])["image_size"]
+    unet = json.loads(storage.read_bytes(storage.join(checkpoint, "unet", "config.json")))
+    vae = storage.join(checkpoint, "vae", "config.json")
+    factor = 2 ** (len(json.loads(storage.read_bytes(vae))["block_out_channels"]) - 1) if storage.exists(vae) else 1
+    return unet["sample_size"] * factor
+
+
 def _state_dict(pipe) -> dict:
     parts = {"unet": pipe.unet, "suti": pipe.suti, "text_encoder": pipe.text_encoder}
     return {f"{p}.{k}": v for p, m in parts.items() for k, v in m.state_dict().items()}

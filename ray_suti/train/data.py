@@ -31,6 +31,34 @@ def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+DEMO_SLOTS = 5  # demos of an example decoded ahead of the trainer (SuTI takes at most 5)
+
+
+def decode_images(batch: dict, size: int) -> dict:
+    """Ray Data ``map_batches`` ahead of the trainer: image bytes -> (size, size, 3) uint8 arrays
+    with a flag per image (broken ones are zeros, flagged False), so training workers only draw
+    demos and dropouts, tokenize and stack. Other columns pass through."""
+    out = {k: v for k, v in batch.items() if k not in ("image", "target_image", "demo_images")}
+    blank = np.zeros((size, size, 3), np.uint8)
+
+    def pixels(data):
+        img = decode(data, size)
+        return (blank, False) if img is None else (img, True)
+
+    for column, prefix in (("image", "pixels"), ("target_image", "target_pixels")):
+        if column in batch:
+            got = [pixels(d) for d in batch[column]]
+            out[prefix], out[prefix.replace("pixels", "ok")] = np.stack([g[0] for g in got]), np.array([g[1] for g in got])
+    if "demo_images" in batch:
+        n = len(batch["demo_images"])
+        out["demo_pixels"] = np.zeros((n, DEMO_SLOTS, size, size, 3), np.uint8)
+        out["demo_ok"] = np.zeros((n, DEMO_SLOTS), bool)
+        for i, demos in enumerate(batch["demo_images"]):
+            for j, data in enumerate(list(demos)[:DEMO_SLOTS]):
+                out["demo_pixels"][i, j], out["demo_ok"][i, j] = pixels(data)
+    return out
+
+
 def batch_rows(batch: dict) -> int:
     return batch["drop_text"].shape[0]
 
@@ -59,9 +87,10 @@ class Collate:
 
     def web_pairs(self, batch: dict) -> dict:
         images, captions = [], []
-        for data, caption in zip(batch["image"], batch["caption"]):
-            img = decode(data, self.size)
-            if img is not None:
+        decoded = zip(batch["pixels"], batch["ok"]) if "pixels" in batch else ((decode(d, self.size), True)
+                                                                                 for d in batch["image"])
+        for (img, ok), caption in zip(decoded, batch["caption"]):
+            if img is not None and ok:
                 images.append(img)
                 captions.append(str(caption or ""))
         n = len(images)
@@ -75,9 +104,14 @@ class Collate:
             demo_lists = [[] if d is None else list(zip(map(from_bytes, d), map(from_bytes, c)))
                           for d, c in zip(batch["demo_latents"], batch["demo_caption_states"])]
             prompts = [None if p is None else from_bytes(p) for p in batch["prompt_states"]]
+        elif "target_pixels" in batch:  # decoded ahead by Ray Data (decode_images)
+            targets = [p if ok else None for p, ok in zip(batch["target_pixels"], batch["target_ok"])]
+            demo_lists = [[(pix[j], str(c or "")) for j, c in enumerate(list(caps)[:DEMO_SLOTS]) if ok[j]]
+                          for pix, ok, caps in zip(batch["demo_pixels"], batch["demo_ok"], batch["demo_captions"])]
+            prompts = [str(p) for p in batch["target_prompt"]]
         else:
             targets = [decode(t, self.size) for t in batch["target_image"]]
-            demo_lists = [[p for p in ((decode(d, self.size), str(c or "")) for d, c in zip(demos, caps))
+            demo_lists = [[p for p in ((decode(d, self.size), str(c or "")) for d, c in zip(list(demos)[:DEMO_SLOTS], caps))
                            if p[0] is not None] for demos, caps in zip(batch["demo_images"], batch["demo_captions"])]
             prompts = [str(p) for p in batch["target_prompt"]]
         k_max, rows, control_rows = self.cfg.max_demos, [], []

@@ -1,7 +1,9 @@
 """The Ray Train runner: DeepSpeed ZeRO over a SuTI model, each worker fed by a Ray Data shard.
 
 The step itself (model, loss, groups, EMA, seeding, restoring) is ``step.py``'s, shared with the
-one-process runner. Every worker runs the same number of steps (Ray Train splits the data into
+one-process runner. Ray Data reads and decodes ahead of the workers (``trainer.py``: images arrive as
+uint8 arrays, or as cached latents); a worker only draws demos and dropouts, tokenizes and stacks,
+with the next batches prefetched. Every worker runs the same number of steps (Ray Train splits the data into
 equal shards, and each worker loops over its shard) and reports at the same steps. A checkpoint is
 rank 0's weights, EMA and state file plus every rank's DeepSpeed optimizer partition; after a
 failure Ray Train restarts the workers, ``ray.train.get_checkpoint()`` hands back the last
@@ -63,7 +65,7 @@ def raw_batches(shard, cfg: TrainConfig, rank: int, skip: int = 0):
     re-reading a few rows costs a Ray Data execution (seconds) per epoch."""
     epoch, kept, rows, index = 0, [], 0, 0
     while True:
-        for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+        for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2,
                                       local_shuffle_buffer_size=cfg.shuffle_buffer,
                                       local_shuffle_seed=cfg.seed + 1000 * epoch + 7919 * rank):
             rows += len(next(iter(raw.values())))

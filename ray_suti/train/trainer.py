@@ -57,6 +57,13 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
     cfg = with_absolute_paths(cfg)
     folder, names = training_data(cfg)
     dataset = ray.data.read_parquet(folder, num_cpus=cfg.data_cpus).select_columns(names)
+    if not (cfg.latents or cfg.decode_in_worker):  # decoding and resizing on Ray Data's CPUs, ahead of the trainers
+        from ..model.loading import image_size_of
+        from .data import decode_images
+
+        size = image_size_of(cfg.init_from or cfg.preset)
+        dataset = dataset.map_batches(decode_images, fn_kwargs={"size": size}, batch_size=cfg.batch_size,
+                                      batch_format="numpy", num_cpus=cfg.data_cpus)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -37,6 +37,8 @@ def url(ray_local, tmp_path_factory, small_store):
     # Checkpoint and subject store as URIs (file:// goes through the same calls as s3://).
     serve.run(build_app((REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), small_store.as_uri(), max_replicas=1,
                         num_cpus=0.5, cache_size=1, scheduler="dpm++"), name="small", route_prefix="/small")
+    # A latent model (tiny VAE): demos VAE-encoded, images decoded, the same API.
+    serve.run(build_app("tiny-latent", store, max_replicas=1, num_cpus=0.25), name="latent", route_prefix="/latent")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -54,6 +56,13 @@ def register(url, images, captions=None):
 def generate(url, seed=0, accept="application/json", **body):
     body = {"prompt": "a photo on the beach", "steps": 4, "seed": seed, **body}
     return requests.post(f"{url}/v1/generate", json=body, headers={"Accept": accept}, timeout=120)
+
+
+def test_a_latent_model_serves_the_same_api(url, dreambench_dir):
+    r = generate(f"{url}/latent", images=[base64.b64encode(b).decode() for b in photos(dreambench_dir, "dog2", 2)],
+                 accept="image/png")
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(r.content)).size == (64, 64)
 
 
 def test_register_generate_and_delete(url, dreambench_dir):

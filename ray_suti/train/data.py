@@ -38,7 +38,8 @@ def decode_images(batch: dict, size: int) -> dict:
     """Ray Data ``map_batches`` ahead of the trainer: image bytes -> (size, size, 3) uint8 arrays
     with a flag per image (broken ones are zeros, flagged False), so training workers only draw
     demos and dropouts, tokenize and stack. Other columns pass through."""
-    out = {k: v for k, v in batch.items() if k not in ("image", "target_image", "demo_images")}
+    out = {k: (_lists(v) if k in LIST_COLUMNS else v) for k, v in batch.items()
+           if k not in ("image", "target_image", "demo_images")}
     blank = np.zeros((size, size, 3), np.uint8)
 
     def pixels(data):
@@ -56,6 +57,16 @@ def decode_images(batch: dict, size: int) -> dict:
         for i, demos in enumerate(batch["demo_images"]):
             for j, data in enumerate(list(demos)[:DEMO_SLOTS]):
                 out["demo_pixels"][i, j], out["demo_ok"][i, j] = pixels(data)
+    return out
+
+
+LIST_COLUMNS = ("demo_captions", "target_box", "target_keypoints")
+
+
+def _lists(column) -> np.ndarray:
+    """An object array of Python lists (None kept): what Arrow turns back into a list column."""
+    out = np.empty(len(column), dtype=object)
+    out[:] = [None if v is None else list(v) for v in column]
     return out
 
 

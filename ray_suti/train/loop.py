@@ -122,11 +122,15 @@ def train_loop_per_worker(config: dict) -> None:
             warm_from = state.get("warm_from", 0)
     resumed_from = step
     position = state.get("data_positions", {}).get(str(rank), 0) if restored else 0
-    ema_names = [n for n, _ in named]
-    ema = {n: v.to(device) for n, v in ema.items()} if ema is not None and rank == 0 else ema
-    with _gathered([p for _, p in named], cfg.zero_stage):
-        if rank == 0 and ema is None:
-            ema = {n: p.detach().float().clone() for n, p in named}  # on the worker's device
+    # The EMA follows each parameter on rank 0 or, under ZeRO-3, each rank's own partition of it:
+    # nothing is gathered per step, and the whole EMA only when a checkpoint is written.
+    sharded = cfg.zero_stage == 3
+    followed = lambda: [(n, p.ds_tensor) for n, p in named] if sharded else named  # noqa: E731 (looked up anew)
+    if ema is not None and (sharded or rank == 0):
+        ema = {n: (_partition(ema[n], p, rank, world) if sharded else ema[n]).to(t.device)
+               for (n, p), (_, t) in zip(named, followed())}
+    elif sharded or rank == 0:
+        ema = {n: t.detach().float().clone() for n, t in followed()}  # on the worker's device
 
     collate = make_collate(cfg, pipe, seed=cfg.seed)
     probe = probe_batch(cfg, collate) if cfg.mode == "suti" else None
@@ -163,9 +167,8 @@ def train_loop_per_worker(config: dict) -> None:
         engine.step()
         step += 1
         losses.append(loss.item())
-        with _gathered([p for _, p in named], cfg.zero_stage):
-            if rank == 0:
-                ema_update(ema, named, cfg.ema_decay, step)
+        if sharded or rank == 0:
+            ema_update(ema, followed(), cfg.ema_decay, step)
 
         checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
         if step % cfg.report_every and not checkpoint_now:
@@ -187,6 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         with _gathered([p for _, p in model.named_parameters()], cfg.zero_stage):
             weights = trainable_state(model) if rank == 0 else None
+        whole_ema = _gather_ema(ema, named, world, device) if sharded else ema
         positions = [None] * world  # every worker's place in its own shard
         torch.distributed.all_gather_object(positions, position)
         with tempfile.TemporaryDirectory() as tmp:
@@ -194,11 +198,31 @@ def train_loop_per_worker(config: dict) -> None:
             engine.save_checkpoint(os.path.join(tmp, DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
                                    exclude_frozen_parameters=True)
             if rank == 0:
-                save_checkpoint(tmp, weights, {n: ema[n].cpu() for n in ema_names},
+                save_checkpoint(tmp, weights, {n: whole_ema[n].cpu() for n, _ in named},
                                 {"step": step, "warm_from": warm_from, "world_size": world,
                                  "data_positions": {str(r): p for r, p in enumerate(positions)},
                                  "suti_config": model.config.to_dict(), "train_config": config})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _partition(whole: torch.Tensor, param, rank: int, world: int) -> torch.Tensor:
+    """This rank's ZeRO-3 slice of a whole tensor: DeepSpeed gives rank r the r-th of ``world``
+    equal chunks of the flattened parameter, the last zero-padded."""
+    size = param.ds_tensor.ds_numel
+    flat = torch.zeros(size * world, dtype=torch.float32)
+    flat[: whole.numel()] = whole.flatten().float()
+    return flat[rank * size: (rank + 1) * size].clone()
+
+
+def _gather_ema(ema: dict, named: list, world: int, device) -> dict:
+    """Every rank's EMA partitions -> the whole EMA (on every rank; rank 0 writes it)."""
+    out = {}
+    for n, p in named:
+        part = ema[n].to(device)  # NCCL gathers device tensors (the partitions may be offloaded)
+        parts = [torch.empty_like(part) for _ in range(world)]
+        torch.distributed.all_gather(parts, part)
+        out[n] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+    return out
 
 
 def _load_optimizer(engine, ckpt_dir: str, state: dict, world: int) -> bool:

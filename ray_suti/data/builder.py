@@ -1,7 +1,7 @@
 """Stage 1: web pairs -> in-context clusters, streamed with Ray Data.
 
-    read web-pairs shards: Parquet, or img2dataset's webdataset tars (checked first: a bad shard
-    fails naming the file, or is skipped)
+    read web-pairs shards: Parquet, or img2dataset's output as it is written (checked first: a bad
+    shard fails naming the file, or is skipped)
     -> validate each record (decode; a reason for every skip) and normalise its page URL
     -> embed valid images with CLIP on an actor pool (batch size, concurrency, GPUs from config)
     -> group by page -> per page: drop near-duplicates, then incoherent or too-small clusters
@@ -32,11 +32,95 @@ from .urls import normalize_page_url
 
 WEB_COLUMNS = {"key": pa.string(), "page_url": pa.string(), "caption": pa.string(), "image": pa.binary()}
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# What every reader hands on: the web pairs, and a reason for the records the crawl itself already
+# failed ("" for the rest; validate_records adds its own).
+PAIRS_SCHEMA = pa.schema([*WEB_COLUMNS.items(), ("reason", pa.string())])
+
+# img2dataset (https://github.com/rom1504/img2dataset) writes per shard, with output_format
+#   "parquet":    NNNNN.parquet: the url list's columns (url, caption, any save_additional_columns such
+#                 as page_url) + key, status, error_message, width, height, ..., and the image bytes in
+#                 a column named after encode_format (jpg, png or webp), null where status != success;
+#   "webdataset": NNNNN.tar (KEY.jpg|png|webp, KEY.txt, KEY.json; successes only) + NNNNN.parquet with
+#                 the same metadata for every row and no image column.
+# Rows whose status is not "success" are records with the reason "status:<status>", e.g.
+# "status:failed_to_download"; the metadata Parquet beside a tar gives only those (the tar has the rest).
+IMG2DATASET_IMAGE_COLUMNS = ("jpg", "png", "webp")
+IMG2DATASET_COLUMNS = {"key": pa.string(), "url": pa.string(), "status": pa.string()}
+IMG2DATASET_OPTIONAL = {"caption": pa.string(), "page_url": pa.string()}
+
+
+def page_of_image_url(url: str | None) -> str | None:
+    """The page to group an image by when the crawl kept no page URL (an img2dataset run without
+    ``save_additional_columns=["page_url"]``): the folder the image sits in, ``https://cdn.x/p/7`` for
+    ``https://cdn.x/p/7/a.jpg``. A stand-in, no more: one folder may hold many products' photos (the
+    coherence filter drops such groups) and one product's photos may sit in several folders."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url or not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.netloc:
+        return None
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rsplit("/", 1)[0], "", ""))
+
+
+def _status_reason(status) -> str:
+    return "" if status == "success" else f"status:{status or 'missing'}"
+
+
+def _binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+@dataclass(frozen=True)
+class ParquetPlan:
+    """How one Parquet shard is read: ``kind`` "pairs" (the web-pairs contract), "img2dataset" (bytes in
+    ``image_column``) or "img2dataset-meta" (the metadata beside an img2dataset tar); ``columns`` to read."""
+    kind: str
+    columns: tuple[str, ...]
+    image_column: str | None = None
+
+
+def parquet_plan(schema: pa.Schema, has_tar: bool) -> ParquetPlan:
+    """The plan for a shard with this schema (``has_tar``: a ``.tar`` of the same name sits beside it),
+    or ValueError listing what is wrong."""
+    names = set(schema.names)
+    if "image" in names or "status" not in names:  # the web-pairs contract
+        problems = [f"missing column {c!r}" + (" (nor is it img2dataset output: no 'status' column)" if c == "image"
+                                               else "") for c in WEB_COLUMNS if c not in names]
+        problems += [f"column {c!r} is {schema.field(c).type}, expected {t}" for c, t in WEB_COLUMNS.items()
+                     if c in names and not schema.field(c).type.equals(t)
+                     and not (t == pa.binary() and schema.field(c).type == pa.large_binary())]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return ParquetPlan("pairs", tuple(WEB_COLUMNS))
+    images = [c for c in IMG2DATASET_IMAGE_COLUMNS if c in names]
+    problems = [f"img2dataset output without column {c!r}" for c in IMG2DATASET_COLUMNS if c not in names]
+    problems += [f"column {c!r} is {schema.field(c).type}, expected string" for c in (*IMG2DATASET_COLUMNS,
+                 *IMG2DATASET_OPTIONAL) if c in names and not _string(schema.field(c).type)]
+    problems += [f"column {c!r} is {schema.field(c).type}, expected binary" for c in images
+                 if not _binary(schema.field(c).type)]
+    if len(images) > 1:
+        problems.append(f"several image columns {images}")
+    if not images and not has_tar:
+        problems.append("img2dataset metadata without images: no jpg/png/webp column and no .tar of the same "
+                        "name beside it")
+    if problems:
+        raise ValueError("; ".join(problems))
+    columns = (*IMG2DATASET_COLUMNS, *(c for c in IMG2DATASET_OPTIONAL if c in names), *images)
+    return ParquetPlan("img2dataset" if images else "img2dataset-meta", columns, images[0] if images else None)
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    input: str = field(default="runs/world/web", metadata={"help": "web-pairs Parquet folder, file or URI"})
+    input: str = field(default="runs/world/web", metadata={"help": "web pairs (Parquet, or img2dataset's parquet or webdataset output): folder, file or URI"})
     output: str = field(default="runs/clusters", metadata={"help": "output folder or URI"})
     min_cluster: int = field(default=3, metadata={"help": "fewest images in a kept cluster"})
     max_cluster: int = field(default=8, metadata={"help": "most images kept per cluster"})
@@ -54,19 +138,15 @@ class BuildConfig:
     tolerate_bad_shards: bool = field(default=False, metadata={"help": "skip unreadable shards with a warning"})
 
 
-def _check_parquet(fs, path: str) -> None:
+def _check_parquet(fs, path: str, has_tar: bool = False) -> ParquetPlan:
     with fs.open_input_file(path) as handle:
         schema = pq.read_schema(handle)
-    problems = [f"missing column {c!r}" for c in WEB_COLUMNS if c not in schema.names]
-    problems += [f"column {c!r} is {schema.field(c).type}, expected {t}" for c, t in WEB_COLUMNS.items()
-                 if c in schema.names and not schema.field(c).type.equals(t)
-                 and not (t == pa.binary() and schema.field(c).type == pa.large_binary())]
-    if problems:
-        raise ValueError("; ".join(problems))
+    return parquet_plan(schema, has_tar)
 
 
-def _check_tar(fs, path: str) -> None:
-    """img2dataset's webdataset layout: ``KEY.jpg|png|webp`` + ``KEY.json`` (with ``page_url``) per sample."""
+def _check_tar(fs, path: str, empty_ok: bool = False) -> bool:
+    """img2dataset's webdataset layout: ``KEY.jpg|png|webp`` + ``KEY.json`` (its metadata, with
+    ``page_url`` when the crawl saved it) per sample. False for an empty tar where ``empty_ok``."""
     import tarfile
 
     with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
@@ -77,18 +157,22 @@ def _check_tar(fs, path: str) -> None:
                 break
             first.setdefault(key, set()).add(ext.lower())
     if not first:
+        if empty_ok:
+            return False
         raise ValueError("empty tar")
     exts = next(iter(first.values()))
     if not exts & set(TAR_IMAGE_EXTENSIONS):
         raise ValueError(f"first sample has no image ({sorted(exts)})")
     if "json" not in exts:
         raise ValueError("first sample has no .json (img2dataset metadata with page_url)")
+    return True
 
 
 def check_shards(path: str, tolerate: bool) -> tuple[list[str], object, list[str]]:
-    """(readable shards, filesystem, skipped files): ``.parquet`` files and img2dataset ``.tar``
-    shards under ``path`` (local or any pyarrow URI). A corrupt file, a missing column or a wrong
-    type raises ValueError naming the file, unless ``tolerate``."""
+    """(readable shards, filesystem, skipped files): ``.parquet`` files (web pairs, img2dataset's
+    parquet output or the metadata beside its tars) and img2dataset ``.tar`` shards under ``path``
+    (local or any pyarrow URI). A corrupt file, a missing column or a wrong type raises ValueError
+    naming the file, unless ``tolerate``."""
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
@@ -98,10 +182,19 @@ def check_shards(path: str, tolerate: bool) -> tuple[list[str], object, list[str
     files = [root] if info.type == pafs.FileType.File else sorted(
         f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
         if f.type == pafs.FileType.File and f.path.endswith((".parquet", ".tar")))
-    good, skipped = [], []
+    tars = {f[: -len(".tar")] for f in files if f.endswith(".tar")}
+    parquets = {f[: -len(".parquet")] for f in files if f.endswith(".parquet")}
+    good, skipped, no_page = [], [], 0
     for f in files:
         try:
-            (_check_tar if f.endswith(".tar") else _check_parquet)(fs, f)
+            if f.endswith(".tar"):
+                # An img2dataset shard none of whose downloads succeeded has an empty tar; the
+                # metadata Parquet beside it still brings its failed rows.
+                if not _check_tar(fs, f, empty_ok=f[: -len(".tar")] in parquets):
+                    continue
+            else:
+                plan = _check_parquet(fs, f, has_tar=f[: -len(".parquet")] in tars)
+                no_page += plan.kind != "pairs" and "page_url" not in plan.columns
             good.append(f)
         except Exception as e:
             message = f"bad web-pairs shard {f}: {e}"
@@ -111,49 +204,95 @@ def check_shards(path: str, tolerate: bool) -> tuple[list[str], object, list[str
             skipped.append(f)
     if not good:
         raise ValueError(f"no readable web-pairs shards under {path}")
+    if no_page:
+        print(f"note: {no_page} img2dataset shard(s) without a page_url column (save_additional_columns): "
+              "their images are grouped by the folder of their URL", flush=True)
     return good, fs, skipped
 
 
-def webdataset_to_pairs(batch: pd.DataFrame) -> pd.DataFrame:
-    """Rows of ``read_webdataset(decoder=None)`` (one column per file extension) -> web pairs."""
-    keys, pages, captions, images = [], [], [], []
-    for i in range(len(batch)):
-        row = batch.iloc[i]
+def _pairs(keys, pages, captions, images, reasons) -> pa.Table:
+    return pa.table([pa.array(keys, pa.string()), pa.array(pages, pa.string()), pa.array(captions, pa.string()),
+                     pa.array(images, pa.binary()), pa.array(reasons, pa.string())], schema=PAIRS_SCHEMA)
+
+
+def webdataset_to_pairs(batch: pa.Table | pd.DataFrame) -> pa.Table:
+    """Rows of ``read_webdataset(decoder=None)`` (one column per file extension) -> web pairs
+    (``PAIRS_SCHEMA``). A sample whose ``.json`` has no ``page_url`` key (img2dataset run without it
+    in save_additional_columns) is grouped by its image URL's folder (``page_of_image_url``)."""
+    keys, pages, captions, images, reasons = [], [], [], [], []
+    for row in batch.to_pylist() if isinstance(batch, pa.Table) else batch.to_dict("records"):
         try:
             meta = json.loads(row["json"]) if isinstance(row.get("json"), (bytes, str)) else {}
         except ValueError:
             meta = {}
+        meta = meta if isinstance(meta, dict) else {}
         image = next((row[e] for e in TAR_IMAGE_EXTENSIONS if e in row and isinstance(row[e], bytes)), b"")
         text = row.get("txt")
         keys.append(str(meta.get("key") or row["__key__"]))
-        pages.append(meta.get("page_url"))
+        pages.append(meta["page_url"] if "page_url" in meta else page_of_image_url(meta.get("url")))
         captions.append(text.decode("utf-8", "replace") if isinstance(text, bytes) else meta.get("caption"))
-        images.append(image)
-    return pd.DataFrame({"key": keys, "page_url": pages, "caption": captions, "image": images})
+        reason = _status_reason(meta["status"]) if "status" in meta else ""
+        images.append(b"" if reason else image)
+        reasons.append(reason)
+    return _pairs(keys, pages, captions, images, reasons)
+
+
+def img2dataset_to_pairs(batch: pa.Table, image_column: str | None) -> pa.Table:
+    """Rows of img2dataset's Parquet -> web pairs (``PAIRS_SCHEMA``): the bytes from ``image_column``
+    (jpg, png or webp), rows whose status is not "success" kept with the reason "status:<status>" and
+    no image. ``image_column`` None: the metadata Parquet beside a webdataset tar, of which only the
+    failed rows are kept (the tar holds the successes). Without a page_url column (img2dataset run
+    without it in save_additional_columns) images are grouped by their URL's folder."""
+    col = lambda name: batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows  # noqa: E731
+    urls, statuses = col("url"), col("status")
+    pages = col("page_url") if "page_url" in batch.column_names else [page_of_image_url(u) for u in urls]
+    rows = [i for i, s in enumerate(statuses) if image_column is not None or s != "success"]
+    reasons = [_status_reason(s) for s in statuses]
+    images = col(image_column) if image_column is not None else [None] * batch.num_rows
+    keys, captions = col("key"), col("caption")
+    return _pairs([keys[i] for i in rows], [pages[i] for i in rows], [captions[i] for i in rows],
+                  [b"" if reasons[i] or images[i] is None else images[i] for i in rows], [reasons[i] for i in rows])
+
+
+def _pairs_from_contract(batch: pa.Table) -> pa.Table:
+    return batch.select(list(WEB_COLUMNS)).append_column("reason", pa.array([""] * batch.num_rows, pa.string())) \
+        .cast(PAIRS_SCHEMA)
 
 
 def read_web_pairs(files: list[str], fs, num_cpus: float | None = None):
-    """A Ray Dataset of ``WEB_COLUMNS`` from checked Parquet and tar shards (streamed); ``num_cpus``
-    per read task (reads are IO-bound: a fraction leaves cores to training workers)."""
+    """A Ray Dataset of ``PAIRS_SCHEMA`` (``WEB_COLUMNS`` + ``reason``) from checked Parquet and tar shards
+    (streamed): web-pairs Parquet, img2dataset Parquet and webdataset output; ``num_cpus`` per read
+    task (reads are IO-bound: a fraction leaves cores to training workers)."""
     import ray.data
 
-    parquet = [f for f in files if f.endswith(".parquet")]
     tars = [f for f in files if f.endswith(".tar")]
+    groups: dict[ParquetPlan, list[str]] = {}
+    for f in files:  # footers only, read again here: check_shards hands on paths. Its checks passed, so
+        # metadata Parquet is read even where its tar was empty or skipped as unreadable (the failed rows)
+        if f.endswith(".parquet"):
+            groups.setdefault(_check_parquet(fs, f, has_tar=True), []).append(f)
     parts = []
-    if parquet:
-        parts.append(ray.data.read_parquet(parquet, filesystem=fs, num_cpus=num_cpus).select_columns(list(WEB_COLUMNS)))
+    for plan, paths in groups.items():  # one read per layout: shards of one crawl share it
+        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus).select_columns(list(plan.columns))
+        if plan.kind == "pairs":
+            parts.append(ds.map_batches(_pairs_from_contract, batch_format="pyarrow", num_cpus=num_cpus))
+        else:
+            parts.append(ds.map_batches(img2dataset_to_pairs, fn_kwargs={"image_column": plan.image_column},
+                                        batch_format="pyarrow", num_cpus=num_cpus))
     if tars:
         parts.append(ray.data.read_webdataset(tars, filesystem=fs, decoder=None, num_cpus=num_cpus)
-                     .map_batches(webdataset_to_pairs, batch_format="pandas", num_cpus=num_cpus))
+                     .map_batches(webdataset_to_pairs, batch_format="pyarrow", num_cpus=num_cpus))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def validate_records(batch: pd.DataFrame, min_side: int) -> pd.DataFrame:
-    """Adds ``page_key`` and ``reason`` ("" for good records); broken images are emptied."""
+    """Adds ``page_key`` and ``reason`` ("" for good records); broken images are emptied. A ``reason``
+    already there (the crawl's own, e.g. "status:failed_to_download") is kept."""
     keys, reasons, images = [], [], []
-    for url, data in zip(batch["page_url"], batch["image"]):
+    given = batch["reason"] if "reason" in batch.columns else [""] * len(batch)
+    for url, data, prior in zip(batch["page_url"], batch["image"], given):
         key = normalize_page_url(url)
-        img, reason = inspect_image(data, min_side=min_side)
+        reason = prior if isinstance(prior, str) and prior else inspect_image(data, min_side=min_side)[1]
         reason = reason or ("" if key else "no_page_url")
         keys.append(key or "")
         reasons.append(reason)

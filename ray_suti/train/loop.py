@@ -190,7 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         with _gathered([p for _, p in model.named_parameters()], cfg.zero_stage):
             weights = trainable_state(model) if rank == 0 else None
-        whole_ema = _gather_ema(ema, named, world, device) if sharded else ema
+        whole_ema = _gather_ema(ema, named, rank, world, device) if sharded else ema
         positions = [None] * world  # every worker's place in its own shard
         torch.distributed.all_gather_object(positions, position)
         with tempfile.TemporaryDirectory() as tmp:
@@ -214,15 +214,16 @@ def _partition(whole: torch.Tensor, param, rank: int, world: int) -> torch.Tenso
     return flat[rank * size: (rank + 1) * size].clone()
 
 
-def _gather_ema(ema: dict, named: list, world: int, device) -> dict:
-    """Every rank's EMA partitions -> the whole EMA (on every rank; rank 0 writes it)."""
+def _gather_ema(ema: dict, named: list, rank: int, world: int, device) -> dict | None:
+    """Every rank's EMA partitions -> the whole EMA on rank 0, which writes it (None elsewhere)."""
     out = {}
     for n, p in named:
         part = ema[n].to(device)  # NCCL gathers device tensors (the partitions may be offloaded)
-        parts = [torch.empty_like(part) for _ in range(world)]
-        torch.distributed.all_gather(parts, part)
-        out[n] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
-    return out
+        parts = [torch.empty_like(part) for _ in range(world)] if rank == 0 else None
+        torch.distributed.gather(part, parts, dst=0)
+        if rank == 0:
+            out[n] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+    return out if rank == 0 else None
 
 
 def _load_optimizer(engine, ckpt_dir: str, state: dict, world: int) -> bool:

@@ -90,6 +90,20 @@ def test_encode_job_resumes_and_trains_without_the_encoders(examples, tmp_path, 
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
+@pytest.mark.slow
+def test_ray_trainer_runs_from_a_cache_at_a_uri(examples, tmp_path, ray_local):
+    """The Ray Train + DeepSpeed runner reads the cache (through file://, as it would s3://)."""
+    from ray_suti.train.trainer import run_training
+
+    out = (tmp_path / "latents").as_uri()
+    run_encode(EncodeConfig(examples=examples.as_uri(), output=out, checkpoint="tiny-latent", batch_size=8),
+               progress=False)
+    cfg = TrainConfig(latents=out, preset="tiny-latent", steps=2, batch_size=4, noise_repeats=1, report_every=1,
+                      checkpoint_every=2, probe_every=1000, storage_path=str(tmp_path / "runs"), name="cached")
+    metrics = run_training(cfg)["metrics"]
+    assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
+
+
 def test_cache_of_another_model_is_refused(tmp_path):
     (tmp_path / "encoder.json").write_text(json.dumps({"checkpoint": "sd15", "latent_shape": [4, 64, 64],
                                                        "text_states_shape": [77, 768]}))

@@ -12,8 +12,6 @@ CHECKPOINT = REPO / "checkpoints" / "tiny-32.safetensors"
 
 
 def test_committed_checkpoint_uses_demos_without_copying(tmp_path, ray_local):
-    if not CHECKPOINT.exists():
-        pytest.skip("no committed checkpoint")
     cfg = SyntheticEvalConfig(checkpoint=str(CHECKPOINT), out=str(tmp_path), num_subjects=24, steps=10,
                               chunk_size=12, seed=3)
     results = evaluate_synthetic(cfg)

@@ -1,11 +1,14 @@
 """Load and faults on the Serve app, 127.0.0.1 only, bounded in requests and time.
 
-    .venv/bin/python bench/serve_load.py [--requests 48 --clients 8 --steps 10]
+    .venv/bin/python bench/serve_load.py [--requests 48 --clients 16 --steps 10]
 
 In one run, on one local Ray (2 CPUs here):
-1. throughput and p50/p95/p99 latency: 1 replica with batching, 1 replica without, 2 replicas with;
-2. autoscaling: min 1 / max 2 replicas, load until a second replica is up, then idle until it goes;
-3. faults: 2 replicas under load, one replica process killed; the share of requests that still
+1. throughput, p50/p95/p99 latency and the largest batch reached (goal: max_batch_size, 8) with 16
+   clients: 1 replica with batching, 1 replica without, 2 replicas with (goal >= 1.8x of 1);
+2. overload: 1 replica queueing 4 requests, 32 clients: the share answered 503 (with Retry-After)
+   and the count of any other 5xx (goal: none);
+3. autoscaling: min 1 / max 2 replicas, load until a second replica is up, then idle until it goes;
+4. faults: 2 replicas under load, one replica process killed; the share of requests that still
    succeed (goal >= 99%) and whether Serve replaces the replica.
 Prints JSON (and writes it to --out) with the ratios side by side.
 """
@@ -42,6 +45,7 @@ class Load:
         self.url, self.subjects, self.steps = url, subjects, steps
         self.total, self.deadline = total, time.time() + deadline_s
         self.latencies, self.codes, self.sent, self.lock, self.stop = [], [], 0, threading.Lock(), threading.Event()
+        self.batch_rows, self.retry_after = [], []
         self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
 
     def client(self, i: int) -> None:
@@ -54,13 +58,19 @@ class Load:
             body = {"prompt": "a photo on the beach", "subject_id": self.subjects[n % len(self.subjects)],
                     "steps": self.steps, "seed": n}
             t0 = time.perf_counter()
+            rows = retry = None
             try:
-                code = requests.post(f"{self.url}/v1/generate", json=body, timeout=120).status_code
+                r = requests.post(f"{self.url}/v1/generate", json=body, timeout=120)
+                code = r.status_code
+                rows = r.json()["timings"]["batch_rows"] if code == 200 else None
+                retry = r.headers.get("Retry-After") if code == 503 else None
             except requests.RequestException:
                 code = 0
             with self.lock:
                 self.latencies.append(time.perf_counter() - t0)
                 self.codes.append(code)
+                self.batch_rows += [rows] if rows else []
+                self.retry_after += [retry] if code == 503 else []
 
     def run(self, block: bool = True) -> "Load":
         self.t0 = time.perf_counter()
@@ -79,7 +89,10 @@ class Load:
         lat = np.array(self.latencies) * 1000
         ok = sum(c == 200 for c in self.codes)
         return {"requests": len(self.codes), "ok_rate": round(ok / max(1, len(self.codes)), 4),
-                "throughput_rps": round(ok / self.wall, 3),
+                "throughput_rps": round(ok / self.wall, 3), "largest_batch": max(self.batch_rows, default=0),
+                "busy_503_rate": round(sum(c == 503 for c in self.codes) / max(1, len(self.codes)), 4),
+                "busy_with_retry_after": all(r and r.isdigit() for r in self.retry_after),
+                "other_5xx": sum(c >= 500 and c != 503 for c in self.codes), "failed_connections": self.codes.count(0),
                 **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}}
 
 
@@ -121,7 +134,7 @@ def wait_for(predicate, timeout_s: float) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=48)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--checkpoint", default="checkpoints/tiny-32.safetensors")
     parser.add_argument("--out", default="runs/bench-serve/results.json")
@@ -136,7 +149,7 @@ def main() -> None:
     results: dict = {"config": vars(args)}
 
     def deploy(name: str, **kw) -> str:
-        serve.run(build_app(args.checkpoint, store, **kw), name=name, route_prefix=f"/{name}")
+        serve.run(build_app(args.checkpoint, store, allow_anonymous=True, **kw), name=name, route_prefix=f"/{name}")
         return f"{url}/{name}"
 
     # 1. throughput and latency
@@ -153,7 +166,14 @@ def main() -> None:
         "batching_vs_not_throughput": round(results["r1_batch"]["throughput_rps"] / results["r1_nobatch"]["throughput_rps"], 3),
         "two_vs_one_replica_throughput": round(results["r2_batch"]["throughput_rps"] / results["r1_batch"]["throughput_rps"], 3)}
 
-    # 2. autoscaling 1 -> 2 under load, back to 1 after it
+    # 2. overload: a small queue, many clients
+    app_url = deploy("overload", min_replicas=1, max_replicas=1, max_queued_requests=4)
+    subjects = register(app_url, 3)
+    results["overload"] = Load(app_url, subjects, 2 * args.clients, 4 * args.clients, args.steps, 300).run().summary()
+    print("overload", results["overload"], flush=True)
+    serve.delete("overload")
+
+    # 3. autoscaling 1 -> 2 under load, back to 1 after it
     app_url = deploy("auto", min_replicas=1, max_replicas=2, target_ongoing_requests=1, downscale_delay_s=5.0)
     subjects = register(app_url, 3)
     load = Load(app_url, subjects, args.clients, 10_000, args.steps, 180).run(block=False)
@@ -165,7 +185,7 @@ def main() -> None:
     print("autoscaling", results["autoscaling"], flush=True)
     serve.delete("auto")
 
-    # 3. a replica process killed under load
+    # 4. a replica process killed under load
     app_url = deploy("faults", min_replicas=2, max_replicas=2)
     subjects = register(app_url, 3)
     load = Load(app_url, subjects, args.clients, 10_000, args.steps, 40).run(block=False)

@@ -1,6 +1,7 @@
 """Training throughput with 1 vs 2 workers, peak memory per worker under plain data parallel
-(ZeRO stage 0, what DDP does), ZeRO-2 and ZeRO-3 on the same model, and the input path: images
-decoded by Ray Data tasks ahead of the workers (the default) vs in the workers, all in one run.
+(ZeRO stage 0, what DDP does), ZeRO-2 and ZeRO-3 on the same model, and the input path: batches
+prepared (decoded, tokenized, collated) by Ray Data tasks ahead of the workers, which read them with
+``iter_torch_batches`` (the default), vs prepared in the workers, all in one run.
 
     .venv/bin/python bench/train_scaling.py [--steps 30] [--batch-size 8] [--runs ingest]
 
@@ -60,7 +61,7 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"2 workers, ZeRO-2: decoding in Ray Data vs in the workers: {results['ray_data_decoding_vs_in_worker']:.2f}x")
+    print(f"2 workers, ZeRO-2: batches prepared by Ray Data vs in the workers: {results['ray_data_decoding_vs_in_worker']:.2f}x")
     if args.runs == "ingest":
         return
     one = results["1 worker, ZeRO-2"]

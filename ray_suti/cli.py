@@ -78,8 +78,10 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        # 127.0.0.1 only: open unless keys are given (a key file, or SUTI_API_TOKEN in the environment)
         serve.run(build_app(checkpoint=args.checkpoint, store=args.store, max_replicas=args.max_replicas,
-                            num_gpus=args.num_gpus, scheduler=args.scheduler), route_prefix="/")
+                            num_gpus=args.num_gpus, scheduler=args.scheduler, api_keys_file=args.api_keys_file,
+                            token_file=args.token_file, allow_anonymous=True), route_prefix="/")
         print(f"serving {args.checkpoint} at http://127.0.0.1:{args.port}  (API docs: /docs; Ctrl-C stops)",
               flush=True)
         stop.wait()
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", metavar="SCHEDULER",
                    help="sampler, any allowed diffusers scheduler (dpm++ with --steps 10 per request: same fidelity, 2.6x faster on tiny-32)")
+    p.add_argument("--token-file", help="require this file's key as a bearer token (else SUTI_API_TOKEN, else open)")
+    p.add_argument("--api-keys-file", help='JSON {"key": "tenant"}: keys and their tenants')
     p.set_defaults(func=_serve)
 
     from .evaluate.cli import add_cli as add_evaluate

@@ -129,7 +129,7 @@ def serve_once(checkpoint: str, out_dir: str, steps: int, subject_seed: int) -> 
     os.makedirs(out_dir, exist_ok=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(checkpoint, os.path.join(out_dir, "subjects"), max_replicas=1, num_cpus=0.5),
+        serve.run(build_app(checkpoint, os.path.join(out_dir, "subjects"), max_replicas=1, num_cpus=0.5, allow_anonymous=True),
                   name="demo", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         files = [("images", (f"{i}.png", encode_png(p), "image/png")) for i, p in enumerate(photos)]

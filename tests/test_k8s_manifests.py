@@ -179,12 +179,17 @@ def test_rayservice_mirrors_serve_config():
     for key in ("name", "route_prefix", "import_path"):
         assert app[key] == local[key], key
     assert set(app["args"]) <= set(inspect.signature(build_app).parameters)
-    assert set(local["args"]) <= set(app["args"])
+    assert set(local["args"]) - {"allow_anonymous"} <= set(app["args"])
+    assert "allow_anonymous" not in app["args"] and "token" not in app["args"]  # keys from the mounted secret
+    assert app["args"]["api_keys_file"].startswith("/etc/ray-suti/")
     assert app["args"]["num_gpus"] >= 1
     assert app["args"]["min_replicas"] <= app["args"]["max_replicas"]
     assert app["args"]["store"].startswith("s3://")  # replicas on many nodes share one store
     assert app["args"]["checkpoint"].startswith("s3://")
-    assert not any("volumes" in g["template"]["spec"] for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+    for spec in [doc["spec"]["rayClusterConfig"]["headGroupSpec"]] + doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        volumes = spec["template"]["spec"]["volumes"]  # the API keys' secret, read-only; nothing else
+        assert [v["secret"]["secretName"] for v in volumes] == ["ray-suti-api-keys"]
+        assert spec["template"]["spec"]["containers"][0]["volumeMounts"][0]["readOnly"]
     groups = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert sum(g["maxReplicas"] for g in groups if "gpu" in g["groupName"]) >= app["args"]["max_replicas"]
     assert "working_dir" in app["runtime_env"]  # serve/ is not in the wheel

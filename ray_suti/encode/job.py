@@ -62,6 +62,8 @@ class LatentEncoder:
         import torch
 
         from ..model.pipeline import load_pipeline
+        from ..train.config import TrainConfig
+        from ..train.data import Prepare
 
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
@@ -69,33 +71,30 @@ class LatentEncoder:
         if pipe.vae is None:
             raise ValueError(f"{cfg.checkpoint} is a pixel model: cached latents are for latent models")
         self.model = pipe.model.to(self.device).eval()
-        self.tokenizer, self.dtype = pipe.tokenizer, np.float16 if cfg.dtype == "fp16" else np.float32
-
-    def tokens(self, texts: list[str]):
-        return self.tokenizer(texts, padding="max_length", max_length=self.model.config.max_text_len,
-                              truncation=True, return_tensors="pt").input_ids.to(self.device)
+        self.dtype = np.float16 if cfg.dtype == "fp16" else np.float32
+        size, max_len = self.model.config.image_size, self.model.config.max_text_len
+        self.prepare = Prepare(TrainConfig(), pipe.tokenizer, size, max_len)  # training's decoding and tokenizing
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from ..train.data import _to_tensor, decode, to_bytes
+        from ..train.data import as_tensors, pixels_to_float, to_bytes
 
-        size, n = self.model.config.image_size, len(batch["example_id"])
-        targets = [decode(t, size) for t in batch["target_image"]]
-        demos = [[(img, str(c or "")) for img, c in ((decode(d, size), c) for d, c in zip(ds, cs)) if img is not None]
-                 for ds, cs in zip(batch["demo_images"], batch["demo_captions"])]
-        ok = [i for i in range(n) if targets[i] is not None and demos[i]]
-        images = [targets[i] for i in ok] + [img for i in ok for img, _ in demos[i]]
-        texts = [str(batch["target_prompt"][i]) for i in ok] + [c for i in ok for _, c in demos[i]]
+        p = as_tensors(self.prepare(batch))
+        n, target_ok = len(p["target_ok"]), p["target_ok"]
+        ok = target_ok & p["demo_ok"].any(1)
+        demo_ok = p["demo_ok"] & ok[:, None]
+        images = torch.cat([p["target"][ok], p["demo_images"][demo_ok]])  # targets, then each row's demos in order
+        ids = torch.cat([p["prompt_ids"][ok], p["demo_caption_ids"][demo_ok]])
         with torch.no_grad():
-            latents = self.model.to_model_space(_to_tensor(images).to(self.device)) if images else []
-            states = self.model.encode_text(self.tokens(texts)) if texts else []
+            latents = self.model.to_model_space(pixels_to_float(images).to(self.device)) if len(images) else []
+            states = self.model.encode_text(ids.to(self.device)) if len(ids) else []
         out = {k: [None] * n for k in ("target_latent", "prompt_states", "demo_latents", "demo_caption_states")}
-        out["skipped"] = ["" if i in ok else ("broken_target" if targets[i] is None else "no_readable_demo")
+        out["skipped"] = ["" if ok[i] else ("broken_target" if not target_ok[i] else "no_readable_demo")
                           for i in range(n)]
-        cursor = len(ok)
-        for j, i in enumerate(ok):
-            k = len(demos[i])
+        cursor = int(ok.sum())
+        for j, i in enumerate(torch.nonzero(ok).flatten().tolist()):
+            k = int(demo_ok[i].sum())
             out["target_latent"][i], out["prompt_states"][i] = to_bytes(latents[j], self.dtype), to_bytes(states[j], self.dtype)
             out["demo_latents"][i] = [to_bytes(t, self.dtype) for t in latents[cursor: cursor + k]]
             out["demo_caption_states"][i] = [to_bytes(t, self.dtype) for t in states[cursor: cursor + k]]

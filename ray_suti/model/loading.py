@@ -108,6 +108,21 @@ def image_size_of(checkpoint: str) -> int:
     return unet["sample_size"] * factor
 
 
+def tokenizer_of(checkpoint: str):
+    """The tokenizer of a preset or saved model, without its weights (for Ray Data's batch builders)."""
+    from .tokenizer import clip_tokenizer
+
+    if checkpoint in PRESETS:
+        return clip_tokenizer(get_preset(checkpoint).max_text_len)
+    if checkpoint.endswith(".safetensors"):
+        return clip_tokenizer(SuTIConfig.from_dict(json.loads(single_file_metadata(checkpoint)["suti_config"])).max_text_len)
+    from transformers import CLIPTokenizer
+
+    from ..utils import storage
+
+    return CLIPTokenizer.from_pretrained(local_copy(storage.join(checkpoint, "tokenizer")))
+
+
 def _state_dict(pipe) -> dict:
     parts = {"unet": pipe.unet, "suti": pipe.suti, "text_encoder": pipe.text_encoder}
     return {f"{p}.{k}": v for p, m in parts.items() for k, v in m.state_dict().items()}

@@ -1,11 +1,16 @@
-"""Registered subjects in a folder or object storage (s3://...), by content hash.
+"""Registered subjects, per tenant, in a folder or object storage (s3://...), by content hash.
 
-A subject is its photos (re-encoded as PNG after checks) and captions; its id is the SHA-256 of
-those, so registering the same photos twice gives the same id and costs nothing. Ids are checked
-against ``^[0-9a-f]{64}$`` before any path is built: nothing from a request becomes a file name.
-Deleting a subject removes its folder (people can take their photos back). Every replica of every
-node sees the same subjects when the root is shared storage. A subject is readable once its
-``captions.json`` exists, which is written last, each file whole (see utils.storage).
+A subject is its photos (checked, shrunk to at most ``max_side`` pixels a side, re-encoded as PNG)
+and captions, under ``<root>/<tenant folder>/<id>/``; its id is the SHA-256 of the tenant and that
+content, so registering the same photos twice gives the same id and costs nothing, and two tenants
+never share an id (nor can one derive another's). The tenant folder is a hash of the tenant's name:
+nothing from a request becomes a path, and ids are checked against ``^[0-9a-f]{64}$`` first.
+
+``meta.json`` (captions, sizes, bytes, times) is written last and each file is written whole (see
+utils.storage), so a subject is either complete or absent. Deleting removes the folder (people can
+take their photos back). Quotas (subjects and bytes per tenant) are checked against a listing of
+the tenant's folder at registration; two registrations racing past the limit can both land.
+Subjects with a time-to-live answer as absent once expired and are removed when next touched.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import hashlib
 import io
 import json
 import re
+import time
 
 from PIL import Image
 
@@ -23,23 +29,49 @@ ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 class SubjectError(ValueError):
-    """A request's photos or captions cannot make a subject (the API answers 4xx)."""
+    """A request's photos or captions cannot make a subject (the API answers 422)."""
+
+
+class QuotaError(SubjectError):
+    """A tenant is at its subject or byte quota (the API answers 429)."""
 
 
 class SubjectStore:
-    def __init__(self, root: str, max_images: int = 5, max_pixels: int = 4096 * 4096, min_side: int = 16):
+    def __init__(self, root: str, max_images: int = 5, max_pixels: int = 4096 * 4096, min_side: int = 16,
+                 max_side: int = 1024, max_subjects: int = 1000, max_bytes: int = 2 * 1024**3,
+                 ttl_s: float | None = None):
         self.root, self.max_images, self.max_pixels, self.min_side = root, max_images, max_pixels, min_side
+        self.max_side, self.max_subjects, self.max_bytes, self.ttl_s = max_side, max_subjects, max_bytes, ttl_s
 
-    def _folder(self, subject_id: str) -> str | None:
-        return storage.join(self.root, subject_id) if isinstance(subject_id, str) and ID.match(subject_id) else None
+    def _tenant_root(self, tenant: str) -> str:
+        return storage.join(self.root, "t-" + hashlib.sha256(tenant.encode()).hexdigest()[:24])
 
-    def put(self, images: list[bytes], captions: list[str] | None = None) -> str:
+    def _folder(self, tenant: str, subject_id: str) -> str | None:
+        if not (isinstance(subject_id, str) and ID.match(subject_id)):
+            return None
+        return storage.join(self._tenant_root(tenant), subject_id)
+
+    def check(self, data: bytes) -> Image.Image:
+        """Encoded photo -> RGB image at most ``max_side`` a side, or SubjectError (not an image,
+        truncated, too small or too many pixels: the size is read from the header, before decoding)."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise SubjectError("not image bytes")
+        img, reason = inspect_image(bytes(data), min_side=self.min_side, max_pixels=self.max_pixels)
+        if reason:
+            raise SubjectError(reason.replace("_", " "))
+        img = img.convert("RGB")
+        if max(img.size) > self.max_side:
+            scale = self.max_side / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+        return img
+
+    def put(self, tenant: str, images: list[bytes], captions: list[str] | None = None) -> str:
         if not 1 <= len(images) <= self.max_images:
             raise SubjectError(f"give 1 to {self.max_images} images, got {len(images)}")
         captions = list(captions or [""] * len(images))
         if len(captions) != len(images) or not all(isinstance(c, str) and len(c) <= 300 for c in captions):
             raise SubjectError("captions must be one string (at most 300 characters) per image")
-        pngs = []
+        pngs, sizes = [], []
         for i, data in enumerate(images):
             try:
                 img = self.check(data)
@@ -48,45 +80,87 @@ class SubjectStore:
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             pngs.append(buf.getvalue())
-        digest = hashlib.sha256()
+            sizes.append(list(img.size))
+        digest = hashlib.sha256(b"tenant\0" + tenant.encode() + b"\0")
         for png, caption in zip(pngs, captions):
             digest.update(hashlib.sha256(png).digest() + hashlib.sha256(caption.encode()).digest())
         subject_id = digest.hexdigest()
-        if not self.exists(subject_id):  # a concurrent registration of it writes the same bytes
-            folder = self._folder(subject_id)
-            for i, png in enumerate(pngs):
-                storage.write_bytes(storage.join(folder, f"{i}.png"), png)
-            storage.write_bytes(storage.join(folder, "captions.json"), json.dumps(captions).encode())
+        if self.meta(tenant, subject_id) is not None:  # the same photos again
+            return subject_id
+        count, used = self.usage(tenant)
+        size = sum(map(len, pngs))
+        if count + 1 > self.max_subjects:
+            raise QuotaError(f"subject quota reached ({self.max_subjects} subjects): delete some first")
+        if used + size > self.max_bytes:
+            raise QuotaError(f"storage quota reached ({used + size} of {self.max_bytes} bytes): delete some first")
+        folder, now = self._folder(tenant, subject_id), time.time()
+        for i, png in enumerate(pngs):
+            storage.write_bytes(storage.join(folder, f"{i}.png"), png)
+        meta = {"captions": captions, "sizes": sizes, "bytes": size, "created": now,
+                "expires": now + self.ttl_s if self.ttl_s else None}
+        storage.write_bytes(storage.join(folder, "meta.json"), json.dumps(meta).encode())  # last: now it exists
         return subject_id
 
-    def check(self, data: bytes) -> Image.Image:
-        """Encoded photo -> RGB image, or SubjectError (not an image, truncated, too small or too many
-        pixels: the size is read from the header, before decoding)."""
-        if not isinstance(data, (bytes, bytearray)):
-            raise SubjectError("not image bytes")
-        img, reason = inspect_image(bytes(data), min_side=self.min_side, max_pixels=self.max_pixels)
-        if reason:
-            raise SubjectError(reason.replace("_", " "))
-        return img.convert("RGB")
-
-    def exists(self, subject_id: str) -> bool:
-        folder = self._folder(subject_id)
-        return folder is not None and storage.is_file(storage.join(folder, "captions.json"))
-
-    def get(self, subject_id: str) -> tuple[list[Image.Image], list[str]] | None:
-        if not self.exists(subject_id):
+    def meta(self, tenant: str, subject_id: str) -> dict | None:
+        """The subject's metadata, or None when it is not stored (or expired: then it is removed)."""
+        folder = self._folder(tenant, subject_id)
+        if folder is None:
             return None
-        folder = self._folder(subject_id)
         try:
-            captions = json.loads(storage.read_bytes(storage.join(folder, "captions.json")))
-            images = [Image.open(io.BytesIO(storage.read_bytes(storage.join(folder, f"{i}.png")))).convert("RGB")
-                      for i in range(len(captions))]
-        except FileNotFoundError:  # deleted meanwhile
+            meta = json.loads(storage.read_bytes(storage.join(folder, "meta.json")))
+        except (FileNotFoundError, OSError):
             return None
-        return images, captions
+        if meta.get("expires") and meta["expires"] < time.time():
+            self._remove(folder)
+            return None
+        return {"subject_id": subject_id, "num_images": len(meta["captions"]), **meta}
 
-    def delete(self, subject_id: str) -> bool:
-        if not self.exists(subject_id):
+    def exists(self, tenant: str, subject_id: str) -> bool:
+        return self.meta(tenant, subject_id) is not None
+
+    def get(self, tenant: str, subject_id: str) -> tuple[list[Image.Image], list[str]] | None:
+        meta = self.meta(tenant, subject_id)
+        if meta is None:
+            return None
+        folder = self._folder(tenant, subject_id)
+        try:
+            images = [Image.open(io.BytesIO(storage.read_bytes(storage.join(folder, f"{i}.png")))).convert("RGB")
+                      for i in range(meta["num_images"])]
+        except (OSError, ValueError, SyntaxError) as e:  # deleted meanwhile, or a torn file
+            raise SubjectError(f"subject {subject_id[:12]}... cannot be read ({type(e).__name__})") from None
+        return images, meta["captions"]
+
+    def list(self, tenant: str, limit: int = 50, after: str = "") -> tuple[list[dict], str | None]:
+        """One page of the tenant's subjects, in id order, after ``after``; and the cursor of the next."""
+        ids = [n for n in storage.listdir(self._tenant_root(tenant)) if ID.match(n) and n > after]
+        page = []
+        for subject_id in ids:
+            meta = self.meta(tenant, subject_id)
+            if meta is not None:
+                page.append(meta)
+            if len(page) == limit:
+                break
+        more = page and any(n > page[-1]["subject_id"] for n in ids)
+        return page, (page[-1]["subject_id"] if more else None)
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(subjects, bytes) the tenant holds: one recursive listing."""
+        import pyarrow.fs as pafs
+
+        fs, path = storage.resolve(self._tenant_root(tenant))
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        files = [i for i in infos if i.type == pafs.FileType.File]
+        return sum(i.base_name == "meta.json" for i in files), sum(i.size or 0 for i in files)
+
+    def delete(self, tenant: str, subject_id: str) -> bool:
+        if not self.exists(tenant, subject_id):
             return False
-        storage.delete_dir(self._folder(subject_id))
+        self._remove(self._folder(tenant, subject_id))
         return True
+
+    @staticmethod
+    def _remove(folder: str) -> None:
+        try:
+            storage.delete_dir(folder)
+        except (FileNotFoundError, OSError):  # removed by a concurrent call
+            pass

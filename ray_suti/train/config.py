@@ -21,9 +21,9 @@ class TrainConfig:
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, NCCL + bf16"})
     placement_strategy: str = field(default="PACK", metadata={"help": "workers over nodes: PACK, SPREAD or STRICT_SPREAD (one per node)"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
-    data_cpus: float = field(default=0.25, metadata={"help": "CPUs per Ray Data read and image-decode task (on a "
-                                                           "cluster, CPU-only nodes take the decoding)"})
-    decode_in_worker: bool = field(default=False, metadata={"help": "decode images in the training workers instead "
+    data_cpus: float = field(default=0.25, metadata={"help": "CPUs per Ray Data read and batch-preparing task (on "
+                                                           "a cluster, CPU-only nodes take the decoding)"})
+    decode_in_worker: bool = field(default=False, metadata={"help": "prepare batches in the training workers instead "
                                                                     "of Ray Data tasks ahead of them"})
     threads: int = field(default=1, metadata={"help": "torch threads per worker"})
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (0 = plain data parallel, 1, 2, 3)"})

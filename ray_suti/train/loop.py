@@ -1,9 +1,9 @@
 """The Ray Train runner: DeepSpeed ZeRO over a SuTI model, each worker fed by a Ray Data shard.
 
 The step itself (model, loss, groups, EMA, seeding, restoring) is ``step.py``'s, shared with the
-one-process runner. Ray Data reads and decodes ahead of the workers (``trainer.py``: images arrive as
-uint8 arrays, or as cached latents); a worker only draws demos and dropouts, tokenizes and stacks,
-with the next batches prefetched. Every worker runs the same number of steps (Ray Train splits the data into
+one-process runner. Ray Data reads, decodes, tokenizes and collates ahead of the workers
+(``trainer.py``, ``data.Prepare``); a worker reads tensors with ``iter_torch_batches``, the next
+batches prefetched, and only draws its demos and dropouts as index operations (``Collate.draw``). Every worker runs the same number of steps (Ray Train splits the data into
 equal shards, and each worker loops over its shard) and reports at the same steps. A checkpoint is
 rank 0's weights, EMA and state file plus every rank's DeepSpeed optimizer partition; after a
 failure Ray Train restarts the workers, ``ray.train.get_checkpoint()`` hands back the last
@@ -59,15 +59,17 @@ def _gathered(params, stage: int):
 
 
 def raw_batches(shard, cfg: TrainConfig, rank: int, skip: int = 0):
-    """The worker's rows as numpy batches, epoch after epoch, shuffled locally with a seed of (seed,
-    rank, epoch); the first ``skip`` are passed over (a resumed run's position). A shard of at most
-    ``SMALL_SHARD_ROWS`` rows is kept after its first epoch and replayed in a new order each time:
-    re-reading a few rows costs a Ray Data execution (seconds) per epoch."""
+    """The worker's rows, epoch after epoch, shuffled locally with a seed of (seed, rank, epoch): torch
+    tensors prepared by Ray Data, or raw numpy columns with ``--decode-in-worker``. The first ``skip``
+    are passed over (a resumed run's position). A shard of at most ``SMALL_SHARD_ROWS`` rows is kept
+    after its first epoch and replayed in a new order each time: re-reading a few rows costs a Ray
+    Data execution (seconds) per epoch."""
     epoch, kept, rows, index = 0, [], 0, 0
     while True:
-        for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2,
-                                      local_shuffle_buffer_size=cfg.shuffle_buffer,
-                                      local_shuffle_seed=cfg.seed + 1000 * epoch + 7919 * rank):
+        shuffle = dict(batch_size=cfg.batch_size, prefetch_batches=2, local_shuffle_buffer_size=cfg.shuffle_buffer,
+                       local_shuffle_seed=cfg.seed + 1000 * epoch + 7919 * rank)
+        for raw in (shard.iter_batches(batch_format="numpy", **shuffle) if cfg.decode_in_worker
+                    else shard.iter_torch_batches(**shuffle)):
             rows += len(next(iter(raw.values())))
             if rows <= SMALL_SHARD_ROWS:
                 kept.append(raw)
@@ -143,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
         carry, consumed = None, position
         for raw in raw_batches(shard, cfg, rank, skip=position):
             collate.rng = np.random.default_rng([cfg.seed, rank, consumed])  # per raw batch: resumable
-            batch, consumed = collate(raw), consumed + 1
+            batch, consumed = (collate(raw) if cfg.decode_in_worker else collate.draw(raw)), consumed + 1
             if carry is not None:
                 batch = {k: torch.cat([carry[k], v]) for k, v in batch.items()}
             while batch_rows(batch) >= cfg.batch_size:

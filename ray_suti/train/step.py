@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .data import Collate, columns
+from .data import Collate, as_tensors, columns
 
 
 def start_pipeline(cfg: TrainConfig):
@@ -123,7 +123,7 @@ def probe_batch(cfg: TrainConfig, collate: Collate, n: int = 16) -> dict:
     table = {k: [r[k] for r in rows] for k in columns(cfg.mode, cfg.controls)}
     saved, collate.rng = collate.rng, np.random.default_rng(0)
     try:
-        batch = collate.icl(table, all_demos=True)
+        batch = collate.draw(as_tensors(collate.prepare(table)), all_demos=True)
     finally:
         collate.rng = saved
     batch.pop("drop_text"), batch.pop("drop_demos")

@@ -39,6 +39,24 @@ def export_checkpoint(checkpoint_dir: str, cfg: TrainConfig, command: str = "") 
     return state
 
 
+def prepare_batch(batch: dict, prepare) -> dict:
+    return prepare(batch)
+
+
+def prepared_ahead(dataset, cfg: TrainConfig):
+    """Decoding, tokenizing and collating (``data.Prepare``) in Ray Data tasks, ahead of the trainers.
+    Tasks, not an actor pool: actors hold their CPUs, which Ray Data's file listing (1 CPU a task) then
+    waits for on a small cluster. The Prepare object travels once, through ``fn_kwargs``."""
+    from ..model.loading import image_size_of, tokenizer_of
+    from .data import Prepare
+
+    checkpoint = cfg.init_from or cfg.preset
+    tokenizer = tokenizer_of(checkpoint)
+    prepare = Prepare(cfg, tokenizer, image_size_of(checkpoint), tokenizer.model_max_length)
+    return dataset.map_batches(prepare_batch, fn_kwargs={"prepare": prepare}, batch_size=cfg.batch_size,
+                               batch_format="numpy", num_cpus=cfg.data_cpus)
+
+
 def run_training(cfg: TrainConfig, command: str = "") -> dict:
     """Fits on the Ray cluster in RAY_ADDRESS (or an embedded one); returns a summary."""
     import ray.data
@@ -57,13 +75,8 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
     cfg = with_absolute_paths(cfg)
     folder, names = training_data(cfg)
     dataset = ray.data.read_parquet(folder, num_cpus=cfg.data_cpus).select_columns(names)
-    if not (cfg.latents or cfg.decode_in_worker):  # decoding and resizing on Ray Data's CPUs, ahead of the trainers
-        from ..model.loading import image_size_of
-        from .data import decode_images
-
-        size = image_size_of(cfg.init_from or cfg.preset)
-        dataset = dataset.map_batches(decode_images, fn_kwargs={"size": size}, batch_size=cfg.batch_size,
-                                      batch_format="numpy", num_cpus=cfg.data_cpus)
+    if not cfg.decode_in_worker:
+        dataset = prepared_ahead(dataset, cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 
 
 def is_uri(path) -> bool:
@@ -69,7 +70,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     folder, name = path.rsplit("/", 1)
     fs.create_dir(folder, recursive=True)
     local = isinstance(fs, pafs.LocalFileSystem)
-    target = f"{folder}/.{name}.tmp{os.getpid()}" if local else path
+    target = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp" if local else path  # unique: threads and processes race
     with fs.open_output_stream(target) as f:
         f.write(data)
     if local:
@@ -147,3 +148,20 @@ def staged(uri: str):
         else:
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def content_id(checkpoint: str) -> str:
+    """A short hash of a model's bytes (a file, or every file of a folder with its relative path);
+    a preset's name stands for itself. A model replaced at the same URI gets a new id."""
+    path = local_copy(checkpoint) if is_uri(checkpoint) else checkpoint
+    if not os.path.exists(path):
+        return checkpoint
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not f.startswith("."))
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(os.path.relpath(name, path).encode() + b"\0")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]

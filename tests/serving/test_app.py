@@ -21,24 +21,48 @@ def small_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(ray_local, tmp_path_factory, small_store):
+def main_store(tmp_path_factory):
+    return tmp_path_factory.mktemp("subjects")
+
+
+KEY_A, KEY_B = "acme-0123456789abcdef", "globex-0123456789abcdef"
+AS_A, AS_B = ({"Authorization": f"Bearer {k}"} for k in (KEY_A, KEY_B))
+
+
+def subject_cache_bytes(n_photos: int) -> int:
+    """What one subject of ``n_photos`` DreamBench-sized photos takes in a replica's feature cache."""
+    from ray_suti.model.pipeline import load_pipeline
+    from ray_suti.serving.generator import FeatureCache
+
+    pipe = load_pipeline(CHECKPOINT)
+    return FeatureCache.size(pipe.encode_subject([Image.new("RGB", (64, 64))] * n_photos))
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, tmp_path_factory, small_store, main_store):
     from ray import serve
 
     from ray_suti.serving.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    store = str(tmp_path_factory.mktemp("subjects"))
-    # Half a CPU per model replica: three apps share the 2-CPU test cluster.
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, max_body_bytes=2_000_000), name="suti",
-              route_prefix="/")
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, token="s3cret"), name="locked",
-              route_prefix="/locked")
-    # Checkpoint and subject store as URIs (file:// goes through the same calls as s3://).
+    store = str(main_store)
+    keys = tmp_path_factory.mktemp("secrets") / "api-keys.json"
+    keys.write_text(json.dumps({KEY_A: "acme", KEY_B: "globex"}))
+    # Half a CPU per model replica: four apps share the 2-CPU test cluster.
+    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, max_body_bytes=2_000_000,
+                        allow_anonymous=True), name="suti", route_prefix="/")
+    # Two tenants, two subjects each at most, a model that takes one request at a time and queues one.
+    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, api_keys_file=str(keys), max_subjects=2,
+                        max_batch_size=1, max_queued_requests=1), name="locked", route_prefix="/locked")
+    # Checkpoint and subject store as URIs (file:// goes through the same calls as s3://); a feature
+    # cache that holds one two-photo subject.
     serve.run(build_app((REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), small_store.as_uri(), max_replicas=1,
-                        num_cpus=0.5, cache_size=1, scheduler="dpm++"), name="small", route_prefix="/small")
+                        num_cpus=0.5, cache_bytes=subject_cache_bytes(2), scheduler="dpm++", allow_anonymous=True),
+              name="small", route_prefix="/small")
     # A latent model (tiny VAE): demos VAE-encoded, images decoded, the same API.
-    serve.run(build_app("tiny-latent", store, max_replicas=1, num_cpus=0.25), name="latent", route_prefix="/latent")
+    serve.run(build_app("tiny-latent", store, max_replicas=1, num_cpus=0.25, allow_anonymous=True), name="latent",
+              route_prefix="/latent")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -47,15 +71,15 @@ def photos(dreambench_dir, name, n=3):
     return [p.read_bytes() for p in sorted((dreambench_dir / name).glob("*.jpg"))[:n]]
 
 
-def register(url, images, captions=None):
+def register(url, images, captions=None, headers=None):
     files = [("images", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
     data = [("captions", c) for c in captions or []]
-    return requests.post(f"{url}/v1/subjects", files=files, data=data, timeout=60)
+    return requests.post(f"{url}/v1/subjects", files=files, data=data, headers=headers, timeout=60)
 
 
-def generate(url, seed=0, accept="application/json", **body):
+def generate(url, seed=0, accept="application/json", headers=None, **body):
     body = {"prompt": "a photo on the beach", "steps": 4, "seed": seed, **body}
-    return requests.post(f"{url}/v1/generate", json=body, headers={"Accept": accept}, timeout=120)
+    return requests.post(f"{url}/v1/generate", json=body, headers={"Accept": accept, **(headers or {})}, timeout=120)
 
 
 def test_a_latent_model_serves_the_same_api(url, dreambench_dir):
@@ -93,7 +117,8 @@ def test_register_generate_and_delete(url, dreambench_dir):
 def test_a_feature_cache_miss_recomputes_from_the_stored_photos(url, dreambench_dir, small_store):
     small = f"{url}/small"  # an app whose cache holds one subject; its store is a URI
     a, b = (register(small, photos(dreambench_dir, name, 2)).json()["subject_id"] for name in ("dog2", "can"))
-    assert sorted(p.name for p in (small_store / a).iterdir()) == ["0.png", "1.png", "captions.json"]
+    [tenant_folder] = small_store.iterdir()
+    assert sorted(p.name for p in (tenant_folder / a).iterdir()) == ["0.png", "1.png", "meta.json"]
     assert requests.get(f"{small}/v1/model", timeout=30).json()["scheduler"] == "DPMSolverMultistepScheduler"
     misses = lambda: requests.get(f"{small}/v1/model", timeout=30).json()["feature_misses"]  # noqa: E731
     before = misses()
@@ -159,6 +184,8 @@ def test_bad_input_gets_a_json_4xx(url, dreambench_dir):
         (requests.post(f"{url}/v1/subjects", json={"images": ["%%%"]}, timeout=30), 422),
         (requests.post(f"{url}/v1/subjects", json={"images": "abc"}, timeout=30), 422),
         (requests.post(f"{url}/v1/generate", data="{not json", timeout=30), 400),
+        (requests.post(f"{url}/v1/generate", data="[" * 100_000, timeout=30), 400),  # any depth
+        (requests.post(f"{url}/v1/subjects", data='{"images": ' + "[" * 50_000 + "]" * 50_000 + "}", timeout=30), 400),
         (generate(url, subject_id="../../etc/passwd"), 404),
         (generate(url, subject_id="0" * 64), 404),
         (generate(url, subject_id="0" * 64, steps=1000), 422),
@@ -178,7 +205,7 @@ def test_bad_input_gets_a_json_4xx(url, dreambench_dir):
     assert generate(url, images=[base64.b64encode(good[0]).decode()], accept="image/png").status_code == 200
 
 
-def test_health_model_docs_and_auth(url):
+def test_health_model_and_docs(url):
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"ok": True}
     info = requests.get(f"{url}/v1/model", timeout=30).json()
     assert info["preset"] == "tiny-32" and len(info["checkpoint_id"]) == 16
@@ -186,9 +213,91 @@ def test_health_model_docs_and_auth(url):
     assert {"/v1/subjects", "/v1/generate", "/v1/subjects/{subject_id}", "/healthz", "/v1/model"} <= set(schema["paths"])
     assert "prompt" in json.dumps(schema["paths"]["/v1/generate"])
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
-    assert requests.get(f"{url}/locked/v1/model", timeout=30).status_code == 401
-    assert requests.get(f"{url}/locked/v1/model", headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
-    assert requests.get(f"{url}/locked/v1/model", headers={"Authorization": "Bearer s3cret"}, timeout=30).status_code == 200
+
+
+def test_every_route_but_healthz_wants_a_key(url):
+    locked = f"{url}/locked"
+    schema = requests.get(f"{locked}/openapi.json", headers=AS_A, timeout=30).json()
+    routes = [(method.upper(), path.replace("{subject_id}", "0" * 64)) for path, ops in schema["paths"].items()
+              for method in ops] + [("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/nowhere")]
+    assert len(routes) >= 10
+    for method, path in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": f"Basic {KEY_A}"}):
+            r = requests.request(method, f"{locked}{path}", headers=headers, timeout=30)
+            want = 200 if path == "/healthz" else 401
+            assert r.status_code == want, (method, path, headers, r.status_code)
+            if want == 401:
+                assert r.headers["WWW-Authenticate"] == "Bearer" and "detail" in r.json()
+    assert requests.get(f"{locked}/v1/model", headers=AS_A, timeout=30).status_code == 200
+    assert requests.get(f"{locked}/docs", headers=AS_B, timeout=30).status_code == 200
+
+
+def test_tenants_see_only_their_own_subjects_and_have_quotas(url, dreambench_dir):
+    locked = f"{url}/locked"
+    a = register(locked, photos(dreambench_dir, "dog2", 2), headers=AS_A).json()["subject_id"]
+    b = register(locked, photos(dreambench_dir, "dog2", 2), headers=AS_B).json()["subject_id"]
+    assert a != b  # the same photos: another id in another tenant
+    for subject, mine, theirs in ((a, AS_A, AS_B), (b, AS_B, AS_A)):
+        assert requests.get(f"{locked}/v1/subjects/{subject}", headers=mine, timeout=30).json()["num_images"] == 2
+        assert requests.get(f"{locked}/v1/subjects/{subject}", headers=theirs, timeout=30).status_code == 404
+        assert generate(locked, subject_id=subject, headers=theirs).status_code == 404
+        assert requests.delete(f"{locked}/v1/subjects/{subject}", headers=theirs, timeout=30).status_code == 404
+        listed = requests.get(f"{locked}/v1/subjects", headers=mine, timeout=30).json()
+        assert [m["subject_id"] for m in listed["subjects"]] == [subject] and listed["next"] is None
+    assert generate(locked, subject_id=a, headers=AS_A, accept="image/png").status_code == 200
+    assert register(locked, photos(dreambench_dir, "can", 1), headers=AS_A).status_code == 201
+    over = register(locked, photos(dreambench_dir, "clock", 1), headers=AS_A)  # a third subject: over quota
+    assert over.status_code == 429 and "quota" in over.json()["detail"]
+    assert register(locked, photos(dreambench_dir, "clock", 1), headers=AS_B).status_code == 201  # B has room
+    assert requests.delete(f"{locked}/v1/subjects/{a}", headers=AS_A, timeout=30).status_code == 204
+    assert register(locked, photos(dreambench_dir, "clock", 1), headers=AS_A).status_code == 201
+    page = requests.get(f"{locked}/v1/subjects?limit=1", headers=AS_A, timeout=30).json()
+    assert len(page["subjects"]) == 1 and page["next"] == page["subjects"][0]["subject_id"]
+    assert requests.get(f"{locked}/v1/subjects?limit=0", headers=AS_A, timeout=30).status_code == 422
+
+
+def test_overload_answers_503_with_retry_after_and_no_other_5xx(url, dreambench_dir):
+    """The locked app's model takes one request and queues one: a burst of 8 overflows it."""
+    locked = f"{url}/locked"
+    [subject] = [s["subject_id"] for s in requests.get(f"{locked}/v1/subjects", headers=AS_B, timeout=30).json()["subjects"]
+                 if s["num_images"] == 2] or [register(locked, photos(dreambench_dir, "dog2", 2), headers=AS_B).json()["subject_id"]]
+    answers = [None] * 8
+
+    def call(i):
+        answers[i] = generate(locked, seed=i, subject_id=subject, steps=40, headers=AS_B)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    assert all(r.headers["Retry-After"].isdigit() for r in answers if r.status_code == 503)
+
+
+def test_a_torn_subject_fails_alone_in_its_batch(url, dreambench_dir, main_store):
+    from ray_suti.serving.store import SubjectStore
+
+    good = [register(url, photos(dreambench_dir, name, 2)).json()["subject_id"] for name in ("backpack", "can")]
+    torn = register(url, photos(dreambench_dir, "backpack", 3)).json()["subject_id"]
+    png = SubjectStore(str(main_store))._folder("default", torn) + "/1.png"
+    with open(png, "r+b") as f:  # a half-written file, as a crashed copy would leave it
+        f.truncate(500)
+    subjects = [torn] + good * 2
+    answers = [None] * len(subjects)
+
+    def call(i):
+        answers[i] = generate(url, seed=11, subject_id=subjects[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(subjects))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers[0].status_code == 422 and "register the photos again" in answers[0].json()["detail"]
+    assert all(r.status_code == 200 for r in answers[1:]), [r.text for r in answers]
+    assert max(r.json()["timings"]["batch_rows"] for r in answers[1:]) > 1  # they did share batches
 
 
 def test_500_malformed_requests_all_get_a_4xx_and_the_service_still_generates(url, dreambench_dir):
@@ -240,7 +349,7 @@ def test_config_file_is_a_valid_serve_config_whose_import_path_builds():
     from ray_suti.serving.app import build_app
 
     with pytest.raises(ValueError, match="unknown scheduler"):
-        build_app(CHECKPOINT, scheduler="os.system")
+        build_app(CHECKPOINT, scheduler="os.system", allow_anonymous=True)
     production = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.production.yaml").read_text()))
     assert production.applications[0].import_path == app.import_path
     assert production.applications[0].args["num_gpus"] == 1 and production.applications[0].args["max_replicas"] > 2

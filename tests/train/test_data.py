@@ -162,7 +162,7 @@ def test_training_adds_control_encoders_and_drops_each_control_at_random(tmp_pat
 
     write_oracle_shard(OracleConfig(out=str(tmp_path), examples=64, examples_per_shard=64, target_jitter=0.08), 0)
     table = pq.read_table(tmp_path / "part-00000.parquet", columns=columns("suti", cfg.controls))
-    batch = Collate(cfg, pipe.tokenizer, 32, 32, seed=0).icl({c: table.column(c).to_pylist() for c in table.column_names})
+    batch = Collate(cfg, pipe.tokenizer, 32, 32, seed=0)({c: table.column(c).to_pylist() for c in table.column_names})
     for name in cfg.controls:
         present = batch[f"control_present_{name}"]
         assert 10 < int(present.sum()) < 54  # dropped about half the time, on its own

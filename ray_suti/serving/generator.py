@@ -1,0 +1,194 @@
+"""The model deployment: one pipeline per replica, batched requests, and a cache of demo features.
+
+Concurrent requests are batched (``@serve.batch``); every row of a batch attends only to its own
+subject's demos, and each image's noise comes from its request's seed, so an image does not depend
+on what it was batched with. A job whose subject vanished, whose stored photos cannot be read, or
+whose controls the checkpoint lacks fails alone; the rest of its batch is drawn. Denoising runs in a
+thread, off the replica's event loop. A batch is cut into denoising loops of at most
+``max_batch_rows`` UNet rows (images x guidance branches), so memory per loop is bounded.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+
+from ray import serve
+
+from ..utils.images import encode_png
+from .schemas import CONTROLS
+from .store import SubjectError, SubjectStore
+
+
+DTYPES = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}  # names of torch dtypes (None: as loaded, fp32)
+
+
+def job_rows(job: dict) -> int:
+    """UNet rows a job adds to a denoising loop: its images times the guidance branches."""
+    return job["num_images"] * (2 if job.get("guidance_mode") == "interleaved" else 3)
+
+
+class FeatureCache:
+    """Demo features of recently used subjects, least recently used out first, bounded by bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.entries = max_bytes, 0, OrderedDict()
+
+    @staticmethod
+    def size(feats) -> int:
+        return sum(t.numel() * t.element_size() for t in feats.tokens.values()) + feats.valid.numel()
+
+    def get(self, key):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        return None
+
+    def put(self, key, feats) -> None:
+        self.pop(key)
+        self.entries[key] = feats
+        self.bytes += self.size(feats)
+        while self.bytes > self.max_bytes and self.entries:
+            self.pop(next(iter(self.entries)))
+
+    def pop(self, key) -> None:
+        if key in self.entries:
+            self.bytes -= self.size(self.entries.pop(key))
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """One replica: the pipeline, and the demo features of recently used subjects."""
+
+    def __init__(self, checkpoint: str, store: dict, cache_bytes: int = 256 * 1024**2, use_gpu: bool = False,
+                 max_batch_size: int = 8, scheduler: str = "ddim", max_batch_rows: int = 48, dtype: str = "fp32",
+                 warmup: bool = True):
+        import torch
+        from PIL import Image
+
+        from ..model.pipeline import load_pipeline
+        from ..utils.storage import content_id
+
+        torch.set_num_threads(1)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.pipe = load_pipeline(checkpoint).set_scheduler(scheduler).to(self.device, getattr(torch, DTYPES[dtype] or "float32"))
+        self.pipe.set_progress_bar_config(disable=True)
+        if warmup:  # the first request should not pay for lazy initialisation (kernels, allocators, caches)
+            self.pipe("warm-up", [Image.new("RGB", (64, 64), "gray")], num_inference_steps=2, output_type="np")
+        self.store = SubjectStore(**store)
+        self.cache, self.checkpoint, self.max_batch_rows = FeatureCache(cache_bytes), checkpoint, max_batch_rows
+        self.checkpoint_id = content_id(checkpoint)
+        self.stats = {"feature_hits": 0, "feature_misses": 0, "batches": 0, "rows": 0}
+        self.generate.set_max_batch_size(max_batch_size)  # 1 turns batching off (bench/serve_load.py)
+
+    def features(self, tenant: str, subject_id: str):
+        """Cached DemoFeatures of a stored subject; None when it is not (or no longer) stored;
+        SubjectError when its stored photos cannot be read."""
+        if not self.store.exists(tenant, subject_id):
+            self.cache.pop(subject_id)  # ids are per tenant: the id alone is the key
+            return None
+        feats = self.cache.get(subject_id)
+        if feats is not None:
+            self.stats["feature_hits"] += 1
+            return feats
+        self.stats["feature_misses"] += 1
+        stored = self.store.get(tenant, subject_id)
+        if stored is None:
+            return None
+        feats = self.pipe.encode_subject(*stored)
+        self.cache.put(subject_id, feats)
+        return feats
+
+    def info(self) -> dict:
+        return {"preset": self.pipe.suti_config.name, "checkpoint": self.checkpoint, "checkpoint_id": self.checkpoint_id,
+                "dtype": str(self.pipe.dtype).removeprefix("torch."), "device": self.device,
+                "controls": list(self.pipe.controls), "scheduler": type(self.pipe.scheduler).__name__,
+                "cache_entries": len(self.cache.entries), "cache_bytes": self.cache.bytes, **self.stats}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def generate(self, jobs: list[dict]) -> list[dict]:
+        return await asyncio.to_thread(self.run_batch, jobs)
+
+    def run_batch(self, jobs: list[dict]) -> list[dict]:
+        """Jobs with the same sampling settings share denoising loops; a failing job fails alone."""
+        from ..model.inputs import SuTIInputError
+
+        results: list[dict | None] = [None] * len(jobs)
+        feats: list = [None] * len(jobs)
+        for i, job in enumerate(jobs):
+            try:  # a control this checkpoint lacks, or an unreadable edge map, fails this job only
+                self.pipe.prepare_controls(1, **{c: job.get(c) for c in CONTROLS})
+                feats[i] = (self.features(job["tenant"], job["subject_id"]) if job.get("subject_id")
+                            else self.pipe.encode_subject(job["photos"], job.get("captions")))
+                if feats[i] is None:
+                    results[i] = {"status": 404, "detail": "unknown subject_id"}
+            except SubjectError as e:
+                results[i] = {"status": 422, "detail": f"{e}: register the photos again"}
+            except SuTIInputError as e:
+                results[i] = {"status": 422, "detail": str(e)}
+        groups: dict = {}
+        for i, job in enumerate(jobs):
+            if results[i] is None:
+                key = (job["steps"], job["guidance_text"], job["guidance_subject"], job.get("guidance_mode", "branches"))
+                groups.setdefault(key, []).append(i)
+        for settings, members in groups.items():
+            for chunk in self._chunks(members, jobs):
+                for i, images, seconds in self._sample([jobs[i] for i in chunk], [feats[i] for i in chunk],
+                                                       settings, chunk):
+                    results[i] = {"status": 200, "images": images, "seconds": seconds, "batch_rows": len(chunk)}
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(jobs)
+        return results
+
+    def _chunks(self, members: list[int], jobs: list[dict]):
+        chunk, rows = [], 0
+        for i in members:
+            if chunk and rows + job_rows(jobs[i]) > self.max_batch_rows:
+                yield chunk
+                chunk, rows = [], 0
+            chunk.append(i)
+            rows += job_rows(jobs[i])
+        if chunk:
+            yield chunk
+
+    def _sample(self, jobs, feats, settings, indices):
+        import torch
+
+        from ..model.layers import DemoFeatures
+
+        t0 = time.perf_counter()
+        k = max(f.valid.shape[1] for f in feats)
+        demos = DemoFeatures.cat([pad_demos(f, k).repeat(job["num_images"]) for f, job in zip(feats, jobs)])
+        prompts = [job["prompt"] for job in jobs for _ in range(job["num_images"])]
+        generators = [torch.Generator(self.device).manual_seed(job["seed"] + n)
+                      for job in jobs for n in range(job["num_images"])]
+        controls = {}  # one value (or None) per row; a row without a control gets exactly nothing added
+        for c in CONTROLS:
+            rows = [job.get(c) for job in jobs for _ in range(job["num_images"])]
+            controls[c] = rows if any(v is not None for v in rows) else None
+        steps, g_text, g_subject, mode = settings
+        out = self.pipe(prompts, demos, num_inference_steps=steps, guidance_scale_text=g_text,
+                        guidance_scale_subject=g_subject, guidance_mode=mode, generator=generators, output_type="np",
+                        **controls).images
+        seconds = time.perf_counter() - t0
+        start = 0
+        for i, job in zip(indices, jobs):
+            yield i, [encode_png((a * 255).round().astype("uint8")) for a in out[start: start + job["num_images"]]], seconds
+            start += job["num_images"]
+
+
+def pad_demos(feats, k: int):
+    """DemoFeatures with K demos -> k >= K demos, the extra ones switched off (exact: masked keys)."""
+    import torch
+
+    from ..model.layers import DemoFeatures
+
+    b, have = feats.valid.shape
+    if have == k:
+        return feats
+    tokens = {}
+    for level, t in feats.tokens.items():
+        per_demo = t.shape[1] // have
+        tokens[level] = torch.cat([t, t.new_zeros(b, (k - have) * per_demo, t.shape[2])], dim=1)
+    return DemoFeatures(tokens, torch.cat([feats.valid, feats.valid.new_zeros(b, k - have)], dim=1))
+

@@ -1,0 +1,239 @@
+"""The HTTP ingress: auth, body limits, request checks and the subject store, in front of the model.
+
+Every route but ``/healthz`` wants ``Authorization: Bearer <key>`` unless the app was built for
+anonymous local use (``auth.py``); the key names the caller's tenant, whose subjects are the only
+ones it sees. Decoding, storage I/O and waiting on the model happen off the event loop. A full
+model queue answers 503 with ``Retry-After``; a request that takes longer than the app's timeout
+answers 504. Errors are JSON ``{"detail": ...}``.
+"""
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from ray import serve
+
+from .auth import Credentials
+from .schemas import MAX_BODY_BYTES, MAX_IMAGES, GenerateRequest, SubjectRequest
+from .store import QuotaError, SubjectError, SubjectStore
+
+OPEN_PATHS = ("/healthz",)
+REPLICA: dict = {}  # this process's credentials, for the middleware
+
+
+def use_credentials(credentials: Credentials) -> None:
+    """Called from the replica's constructor. A module function, so it writes this module's
+    ``REPLICA``: Serve ships the Ingress class by value, with copies of the globals it names."""
+    REPLICA["credentials"] = credentials
+RETRY_AFTER_S = 2
+
+api = FastAPI(title="ray-suti", version="1",
+              description="Subject-driven generation in context: register 1-5 photos of a subject, then draw "
+                          "it anywhere a prompt says. Send `Authorization: Bearer <key>`. Errors are JSON "
+                          "`{\"detail\": ...}` with a 4xx status (503 when busy: retry after `Retry-After`).")
+
+
+@api.middleware("http")
+async def authenticate(request: Request, call_next):
+    """Every route, /docs and /openapi.json included, except the open ones."""
+    credentials = REPLICA.get("credentials")
+    path, prefix = request.scope["path"], request.scope.get("root_path", "")
+    if path.removeprefix(prefix) not in OPEN_PATHS:  # the route inside the app, whatever its route_prefix
+        tenant = credentials.tenant(request.headers.get("authorization")) if credentials else None
+        if tenant is None:
+            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        request.state.tenant = tenant
+    return await call_next(request)
+
+
+def error(status: int, message: str, **headers) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
+
+
+def busy(message: str = "the model is busy: try again shortly") -> JSONResponse:
+    return error(503, message, **{"Retry-After": str(RETRY_AFTER_S)})
+
+
+def decode_base64(items: list[str]) -> list[bytes]:
+    try:
+        return [base64.b64decode(s, validate=True) for s in items]
+    except (binascii.Error, ValueError):
+        raise SubjectError("images must be base64 strings") from None
+
+
+async def read_multipart(request: Request, body: bytes) -> tuple[list[bytes], list[str] | None]:
+    from starlette.requests import Request as StarletteRequest
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await StarletteRequest(request.scope, replay).form(max_files=MAX_IMAGES + 1, max_fields=MAX_IMAGES + 1)
+    files = form.getlist("images")
+    if not files or any(isinstance(f, str) for f in files):
+        raise SubjectError("send the photos as multipart files named 'images'")
+    captions = [c for c in form.getlist("captions") if isinstance(c, str)] or None
+    return [await f.read() for f in files], captions
+
+
+def json_body(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, generator, store: dict, credentials: dict, max_body_bytes: int = MAX_BODY_BYTES,
+                 request_timeout_s: float = 300.0):
+        self.generator, self.max_body_bytes, self.timeout = generator, max_body_bytes, request_timeout_s
+        self.store = SubjectStore(**store)
+        use_credentials(Credentials.load(**credentials))  # read here: secrets never travel in the config
+
+    async def _body(self, request: Request) -> bytes | JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            return error(413, f"request body over {self.max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                return error(413, f"request body over {self.max_body_bytes} bytes")
+        return bytes(body)
+
+    async def _parse(self, request: Request, model: type[BaseModel]):
+        body = await self._body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            return model.model_validate(json.loads(body))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... of any depth
+            return error(400, "body must be JSON")
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+            return error(422, problems[:2000])
+
+    async def _call_model(self, job: dict) -> dict:
+        """The model's answer, or 503 when its queue is full or no replica answers, 504 past the
+        timeout. A replica lost while holding the request (node loss, scale-down, a crash) costs one
+        retry on another, never more: a request that kills replicas takes at most two with it."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        for attempt in range(2):
+            response = self.generator.generate.remote(job)
+            try:
+                return await asyncio.wait_for(response, self.timeout)
+            except asyncio.TimeoutError:
+                response.cancel()
+                return {"status": 504, "detail": f"generation took longer than {self.timeout:g} s"}
+            except (BackPressureError, DeploymentUnavailableError):
+                return {"status": 503, "detail": "the model is busy: try again shortly"}
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                if attempt:
+                    return {"status": 503, "detail": "the model replica stopped while drawing this request"}
+                await asyncio.sleep(0.5)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"ok": True}
+
+    @api.get("/v1/model")
+    async def model(self):
+        return await self.generator.info.remote()
+
+    @api.post("/v1/subjects", openapi_extra=json_body(SubjectRequest),
+              summary="Register a subject: 1-5 photos as multipart `images` files (optional `captions` fields) "
+                      "or JSON base64")
+    async def add_subject(self, request: Request):
+        try:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                body = await self._body(request)  # the cap holds before any parsing
+                if isinstance(body, JSONResponse):
+                    return body
+                images, captions = await read_multipart(request, body)
+            else:
+                parsed = await self._parse(request, SubjectRequest)
+                if isinstance(parsed, JSONResponse):
+                    return parsed
+                images, captions = decode_base64(parsed.images), parsed.captions
+            subject_id = await asyncio.to_thread(self.store.put, request.state.tenant, images, captions)
+        except QuotaError as e:
+            return error(429, str(e))
+        except SubjectError as e:
+            return error(422, str(e))
+        return JSONResponse({"subject_id": subject_id, "num_images": len(images)}, status_code=201)
+
+    @api.get("/v1/subjects", summary="Your subjects, a page at a time (`limit`, then `after` = the `next` cursor)")
+    async def list_subjects(self, request: Request, limit: int = 50, after: str = ""):
+        if not 1 <= limit <= 500:
+            return error(422, "limit must be between 1 and 500")
+        page, cursor = await asyncio.to_thread(self.store.list, request.state.tenant, limit, after)
+        return {"subjects": page, "next": cursor}
+
+    @api.get("/v1/subjects/{subject_id}")
+    async def get_subject(self, subject_id: str, request: Request):
+        meta = await asyncio.to_thread(self.store.meta, request.state.tenant, subject_id)
+        return meta if meta is not None else error(404, "unknown subject_id")
+
+    @api.delete("/v1/subjects/{subject_id}", status_code=204)
+    async def delete_subject(self, subject_id: str, request: Request):
+        if not await asyncio.to_thread(self.store.delete, request.state.tenant, subject_id):
+            return error(404, "unknown subject_id")
+        return Response(status_code=204)
+
+    @api.post("/v1/generate", openapi_extra=json_body(GenerateRequest),
+              summary="Draw the subject as the prompt says: PNG with `Accept: image/png` (one image), else JSON")
+    async def generate(self, request: Request):
+        req = await self._parse(request, GenerateRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        want_png = "image/png" in request.headers.get("accept", "")
+        if want_png and req.num_images != 1:
+            return error(406, "image/png holds one image: ask for num_images 1, or JSON")
+        job = {"prompt": req.prompt, "num_images": req.num_images, "steps": req.steps,
+               "guidance_text": float(req.guidance_text), "guidance_subject": float(req.guidance_subject),
+               "guidance_mode": req.guidance_mode, "tenant": request.state.tenant,
+               "seed": req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1}
+        try:
+            job.update(await asyncio.to_thread(self._inputs, req, request.state.tenant))
+        except LookupError:
+            return error(404, "unknown subject_id")
+        except SubjectError as e:
+            return error(422, str(e))
+        t0 = time.perf_counter()
+        result = await self._call_model(job)
+        if result["status"] == 503:
+            return busy(result["detail"])
+        if result["status"] != 200:
+            return error(result["status"], result["detail"])
+        if want_png:
+            return Response(result["images"][0], media_type="image/png", headers={"X-Seed": str(job["seed"])})
+        return {"images": [base64.b64encode(png).decode() for png in result["images"]], "seed": job["seed"],
+                "subject_id": req.subject_id,
+                "timings": {"sampling_s": round(result["seconds"], 4),
+                            "total_s": round(time.perf_counter() - t0, 4), "batch_rows": result["batch_rows"]}}
+
+    def _inputs(self, req: GenerateRequest, tenant: str) -> dict:
+        """The job's subject and controls, checked (in a thread: decoding and storage I/O)."""
+        job = {"box": req.box, "keypoints": req.keypoints}
+        if req.subject_id is not None:
+            if not self.store.exists(tenant, req.subject_id):
+                raise LookupError(req.subject_id)
+            job["subject_id"] = req.subject_id
+        else:
+            photos = [self.store.check(data) for data in decode_base64(req.images)]
+            if req.captions is not None and len(req.captions) != len(photos):
+                raise SubjectError("captions must be one string per image")
+            job.update(photos=photos, captions=req.captions)
+        if req.edges is not None:
+            try:
+                job["edges"] = self.store.check(decode_base64([req.edges])[0])
+            except SubjectError as e:
+                raise SubjectError(f"edges: {e}") from None
+        return job

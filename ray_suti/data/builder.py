@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ..schemas import ICL_CLUSTER_SCHEMA
 from ..utils import storage
-from ..utils.images import inspect_image
+from ..utils.images import MIN_SIDE, inspect_image
 from .captions import clean_caption
 from .clip import default_shifts
 from .urls import normalize_page_url
@@ -124,7 +124,7 @@ class BuildConfig:
     output: str = field(default="runs/clusters", metadata={"help": "output folder or URI"})
     min_cluster: int = field(default=3, metadata={"help": "fewest images in a kept cluster"})
     max_cluster: int = field(default=8, metadata={"help": "most images kept per cluster"})
-    min_side: int = field(default=16, metadata={"help": "smallest image side accepted, px"})
+    min_side: int = field(default=MIN_SIDE, metadata={"help": "smallest image side accepted, px"})
     clip_model: str = field(default="tiny", metadata={"help": "tiny (embedded default) or an open_clip model name"})
     clip_pretrained: str = field(default="", metadata={"help": "tiny: safetensors from train-clip; else a tag or path"})
     embed_batch_size: int = field(default=64, metadata={"help": "images per embedding batch"})

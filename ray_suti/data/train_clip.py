@@ -195,13 +195,14 @@ def train_clip(cfg: ClipTrainConfig) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ..utils.images import MIN_SIDE
     from ..utils.ray_utils import init_ray
     from .builder import check_shards, read_web_pairs, validate_records
 
     files, fs, _ = check_shards(cfg.input, tolerate=True)
     init_ray()
     ds = read_web_pairs(files, fs, num_cpus=0.25)
-    ds = ds.map_batches(validate_records, fn_kwargs={"min_side": 16}, batch_format="pandas", num_cpus=0.25)
+    ds = ds.map_batches(validate_records, fn_kwargs={"min_side": MIN_SIDE}, batch_format="pandas", num_cpus=0.25)
     ds = ds.filter(lambda r: r["page_key"] != "" and r["reason"] == "")
     ds = ds.groupby("page_key").map_groups(page_pairs, fn_kwargs={"seed": cfg.seed}, batch_format="pandas",
                                            num_cpus=0.25)

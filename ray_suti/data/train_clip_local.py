@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import add_dataclass_args, from_args
-from ..utils.images import inspect_image
+from ..utils.images import MIN_SIDE, inspect_image
 from .builder import check_shards, validate_records
 from .clip import load_clip, preprocess
 from .train_clip import ClipTrainConfig, lr_at, page_pairs, pair_loss
@@ -34,7 +34,7 @@ def load_pairs(cfg: ClipTrainConfig) -> pd.DataFrame:
         raise ValueError("the single-process trainer reads Parquet web pairs only; use `ray-suti train-clip` for tars")
     records = pd.concat([pq.read_table(f, filesystem=fs, columns=["page_url", "caption", "image"]).to_pandas()
                          for f in files], ignore_index=True)
-    records = validate_records(records, min_side=16)
+    records = validate_records(records, min_side=MIN_SIDE)
     records = records[(records["page_key"] != "") & (records["reason"] == "")]
     return pd.concat([page_pairs(g, cfg.seed) for _, g in records.groupby("page_key", sort=True)], ignore_index=True)
 

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_PIXELS = 40_000_000
-MIN_SIDE = 8
+from ..utils.images import MAX_PIXELS, MIN_SIDE  # the limits every image check shares
 
 
 class SuTIInputError(ValueError):

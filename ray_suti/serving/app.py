@@ -28,7 +28,7 @@ import os
 from .auth import Credentials
 from .generator import DTYPES, Generator
 from .ingress import Ingress
-from .schemas import MAX_BODY_BYTES, MAX_IMAGES, MAX_PIXELS
+from .schemas import MAX_BODY_BYTES, MAX_IMAGES
 
 
 def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = "runs/subjects",
@@ -58,7 +58,7 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     root = store if is_uri(store) else os.path.abspath(store)  # shared storage: every replica sees every subject
-    store_cfg = dict(root=root, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS, max_side=max_side,
+    store_cfg = dict(root=root, max_images=MAX_IMAGES, max_side=max_side,
                      max_subjects=max_subjects, max_bytes=max_bytes, ttl_s=subject_ttl_s)
     generator = Generator.options(
         max_ongoing_requests=2 * max_batch_size, max_queued_requests=max_queued_requests,

@@ -71,7 +71,9 @@ class Generator:
 
         torch.set_num_threads(1)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.pipe = load_pipeline(checkpoint).set_scheduler(scheduler).to(self.device, getattr(torch, DTYPES[dtype] or "float32"))
+        self.pipe = load_pipeline(checkpoint).set_scheduler(scheduler).to(self.device)
+        if DTYPES[dtype]:
+            self.pipe.to(getattr(torch, DTYPES[dtype]))
         self.pipe.set_progress_bar_config(disable=True)
         if warmup:  # the first request should not pay for lazy initialisation (kernels, allocators, caches)
             self.pipe("warm-up", [Image.new("RGB", (64, 64), "gray")], num_inference_steps=2, output_type="np")
@@ -79,6 +81,7 @@ class Generator:
         self.cache, self.checkpoint, self.max_batch_rows = FeatureCache(cache_bytes), checkpoint, max_batch_rows
         self.checkpoint_id = content_id(checkpoint)
         self.stats = {"feature_hits": 0, "feature_misses": 0, "batches": 0, "rows": 0}
+        self.metrics = replica_metrics()
         self.generate.set_max_batch_size(max_batch_size)  # 1 turns batching off (bench/serve_load.py)
 
     def features(self, tenant: str, subject_id: str):
@@ -90,8 +93,10 @@ class Generator:
         feats = self.cache.get(subject_id)
         if feats is not None:
             self.stats["feature_hits"] += 1
+            self.metrics["cache"].inc(tags={"result": "hit"})
             return feats
         self.stats["feature_misses"] += 1
+        self.metrics["cache"].inc(tags={"result": "miss"})
         stored = self.store.get(tenant, subject_id)
         if stored is None:
             return None
@@ -136,6 +141,7 @@ class Generator:
                 for i, images, seconds in self._sample([jobs[i] for i in chunk], [feats[i] for i in chunk],
                                                        settings, chunk):
                     results[i] = {"status": 200, "images": images, "seconds": seconds, "batch_rows": len(chunk)}
+        self.metrics["batch_rows"].observe(len(jobs))
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
         return results
@@ -171,10 +177,22 @@ class Generator:
                         guidance_scale_subject=g_subject, guidance_mode=mode, generator=generators, output_type="np",
                         **controls).images
         seconds = time.perf_counter() - t0
+        self.metrics["sampling_s"].observe(seconds)
         start = 0
         for i, job in zip(indices, jobs):
             yield i, [encode_png((a * 255).round().astype("uint8")) for a in out[start: start + job["num_images"]]], seconds
             start += job["num_images"]
+
+
+def replica_metrics() -> dict:
+    """Prometheus metrics of a model replica (``ray.serve.metrics``; exported by every Ray node)."""
+    from ray.serve import metrics
+
+    return {"cache": metrics.Counter("suti_feature_cache", "demo-feature cache lookups", tag_keys=("result",)),
+            "batch_rows": metrics.Histogram("suti_batch_requests", "requests per batch",
+                                            boundaries=[1, 2, 4, 8, 16, 32]),
+            "sampling_s": metrics.Histogram("suti_sampling_seconds", "seconds per denoising loop",
+                                            boundaries=[0.1, 0.3, 1, 3, 10, 30, 100])}
 
 
 def pad_demos(feats, k: int):

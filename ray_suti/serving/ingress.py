@@ -19,18 +19,22 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from .auth import Credentials
+from .auth import DEFAULT_TENANT, Credentials
 from .schemas import MAX_BODY_BYTES, MAX_IMAGES, GenerateRequest, SubjectRequest
 from .store import QuotaError, SubjectError, SubjectStore
 
 OPEN_PATHS = ("/healthz",)
-REPLICA: dict = {}  # this process's credentials, for the middleware
+REPLICA: dict = {}  # this process's credentials and request counter, for the middleware
 
 
-def use_credentials(credentials: Credentials) -> None:
+def start_replica(credentials: Credentials) -> None:
     """Called from the replica's constructor. A module function, so it writes this module's
     ``REPLICA``: Serve ships the Ingress class by value, with copies of the globals it names."""
+    from ray.serve import metrics
+
     REPLICA["credentials"] = credentials
+    REPLICA["requests"] = metrics.Counter("suti_requests", "API requests by route and status",
+                                          tag_keys=("route", "status"))
 RETRY_AFTER_S = 2
 
 api = FastAPI(title="ray-suti", version="1",
@@ -44,13 +48,20 @@ async def authenticate(request: Request, call_next):
     """Every route, /docs and /openapi.json included, except the open ones."""
     credentials = REPLICA.get("credentials")
     path, prefix = request.scope["path"], request.scope.get("root_path", "")
-    if path.removeprefix(prefix) not in OPEN_PATHS:  # the route inside the app, whatever its route_prefix
-        tenant = credentials.tenant(request.headers.get("authorization")) if credentials else None
-        if tenant is None:
-            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+    path = path.removeprefix(prefix)  # the route inside the app, whatever its route_prefix
+    tenant = DEFAULT_TENANT if path in OPEN_PATHS else (
+        credentials.tenant(request.headers.get("authorization")) if credentials else None)
+    if tenant is None:
+        response = JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
+    else:
         request.state.tenant = tenant
-    return await call_next(request)
+        response = await call_next(request)
+    if "requests" in REPLICA:  # by route template, so ids do not make a series each
+        route = request.scope.get("route")
+        REPLICA["requests"].inc(tags={"route": f"{request.method} {getattr(route, 'path', 'unmatched')}",
+                                      "status": str(response.status_code)})
+    return response
 
 
 def error(status: int, message: str, **headers) -> JSONResponse:
@@ -93,7 +104,7 @@ class Ingress:
                  request_timeout_s: float = 300.0):
         self.generator, self.max_body_bytes, self.timeout = generator, max_body_bytes, request_timeout_s
         self.store = SubjectStore(**store)
-        use_credentials(Credentials.load(**credentials))  # read here: secrets never travel in the config
+        start_replica(Credentials.load(**credentials))  # read here: secrets never travel in the config
 
     async def _body(self, request: Request) -> bytes | JSONResponse:
         declared = request.headers.get("content-length")

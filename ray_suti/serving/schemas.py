@@ -4,7 +4,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_PIXELS = 4096 * 4096  # per photo, read from the header before decoding (decompression bombs)
 MAX_IMAGES = 5
 CONTROLS = ("box", "keypoints", "edges")
 

@@ -37,10 +37,9 @@ class QuotaError(SubjectError):
 
 
 class SubjectStore:
-    def __init__(self, root: str, max_images: int = 5, max_pixels: int = 4096 * 4096, min_side: int = 16,
-                 max_side: int = 1024, max_subjects: int = 1000, max_bytes: int = 2 * 1024**3,
-                 ttl_s: float | None = None):
-        self.root, self.max_images, self.max_pixels, self.min_side = root, max_images, max_pixels, min_side
+    def __init__(self, root: str, max_images: int = 5, max_side: int = 1024, max_subjects: int = 1000,
+                 max_bytes: int = 2 * 1024**3, ttl_s: float | None = None):
+        self.root, self.max_images = root, max_images
         self.max_side, self.max_subjects, self.max_bytes, self.ttl_s = max_side, max_subjects, max_bytes, ttl_s
 
     def _tenant_root(self, tenant: str) -> str:
@@ -53,10 +52,10 @@ class SubjectStore:
 
     def check(self, data: bytes) -> Image.Image:
         """Encoded photo -> RGB image at most ``max_side`` a side, or SubjectError (not an image,
-        truncated, too small or too many pixels: the size is read from the header, before decoding)."""
+        truncated, or outside utils.images' limits: the size is read from the header, before decoding)."""
         if not isinstance(data, (bytes, bytearray)):
             raise SubjectError("not image bytes")
-        img, reason = inspect_image(bytes(data), min_side=self.min_side, max_pixels=self.max_pixels)
+        img, reason = inspect_image(bytes(data))
         if reason:
             raise SubjectError(reason.replace("_", " "))
         img = img.convert("RGB")

@@ -6,10 +6,14 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-MAX_RECORD_PIXELS = 16_000_000  # web records above 16 MP are refused before decoding (bombs)
+# One set of limits for every image the system takes in: web records (the dataset builder), subject
+# photos (the API's store) and pipeline inputs. Above MAX_PIXELS an image is refused from its header,
+# before decoding (decompression bombs); 50 MP lets a 48 MP phone photo through.
+MAX_PIXELS = 50_000_000
+MIN_SIDE = 8
 
 
-def inspect_image(data, min_side: int = 8, max_pixels: int = MAX_RECORD_PIXELS) -> tuple[Image.Image | None, str | None]:
+def inspect_image(data, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image | None, str | None]:
     """Encoded bytes of a web record -> (decoded image, None) or (None, reason): ``empty``,
     ``not_image``, ``too_large``, ``too_small`` or ``truncated``. Never raises."""
     if not data:

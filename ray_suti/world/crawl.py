@@ -125,8 +125,10 @@ def _broken_bytes(kind: str, good: bytes, rng: np.random.Generator) -> bytes:
         return encode_png(np.full((1, 1, 3), 128, np.uint8))
     if kind == "not_image":
         return b"<html><body>404 Not Found</body></html>"
-    if kind == "huge":  # a 4096 x 4096 image: tiny on disk, 48 MB once decoded
-        return encode_png(np.zeros((4096, 4096, 3), np.uint8))
+    if kind == "huge":  # 7200 x 7200 (52 MP, over utils.images.MAX_PIXELS): 30 KB on disk, 155 MB as RGB
+        buf = io.BytesIO()
+        Image.new("1", (7200, 7200)).save(buf, format="PNG")
+        return buf.getvalue()
     return b""
 
 

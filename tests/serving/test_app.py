@@ -197,7 +197,7 @@ def test_bad_input_gets_a_json_4xx(url, dreambench_dir):
         (requests.post(f"{url}/v1/generate", data=b"x" * 2_100_000, timeout=30), 413),
     ]
     bomb = io.BytesIO()
-    Image.new("RGB", (5000, 5000)).save(bomb, format="PNG")  # 75 MB once decoded, 70 KB on the wire
+    Image.new("1", (8000, 7000)).save(bomb, format="PNG")  # 56 MP: 168 MB once decoded, 30 KB on the wire
     cases.append((register(url, [bomb.getvalue()]), 422))
     for response, status in cases:
         assert response.status_code == status, (status, response.text)
@@ -298,6 +298,25 @@ def test_a_torn_subject_fails_alone_in_its_batch(url, dreambench_dir, main_store
     assert answers[0].status_code == 422 and "register the photos again" in answers[0].json()["detail"]
     assert all(r.status_code == 200 for r in answers[1:]), [r.text for r in answers]
     assert max(r.json()["timings"]["batch_rows"] for r in answers[1:]) > 1  # they did share batches
+
+
+def test_metrics_reach_the_prometheus_endpoint(url, ray_local):
+    """Requests by route and status, cache lookups, batch sizes and sampling time, as Prometheus
+    reads them from the node's metrics port (exported every few seconds)."""
+    import time
+
+    node = ray_local._private.worker.global_worker.node
+    wanted = ['ray_suti_requests_total{', 'route="POST /v1/generate"', 'status="401"', 'route="GET /v1/subjects/{subject_id}"',
+              'ray_suti_feature_cache_total{', 'result="hit"', 'result="miss"', "ray_suti_batch_requests_bucket{",
+              "ray_suti_sampling_seconds_sum{"]
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=30).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(3)
+    assert all(w in text for w in wanted), [w for w in wanted if w not in text]
+    assert 'subject_id="' not in text  # routes by template: ids never become series
 
 
 def test_500_malformed_requests_all_get_a_4xx_and_the_service_still_generates(url, dreambench_dir):

@@ -1,10 +1,10 @@
 """Load and faults on the Serve app, 127.0.0.1 only, bounded in requests and time.
 
-    .venv/bin/python bench/serve_load.py [--requests 48 --clients 16 --steps 10]
+    .venv/bin/python bench/serve_load.py [--requests 96 --clients 16 --steps 10]
 
 In one run, on one local Ray (2 CPUs here):
 1. throughput, p50/p95/p99 latency and the largest batch reached (goal: max_batch_size, 8) with 16
-   clients: 1 replica with batching, 1 replica without, 2 replicas with (goal >= 1.8x of 1);
+   clients a replica: 1 replica with batching, 1 replica without, 2 replicas with (goal >= 1.8x of 1);
 2. overload: 1 replica queueing 4 requests, 32 clients: the share answered 503 (with Retry-After)
    and the count of any other 5xx (goal: none);
 3. autoscaling: min 1 / max 2 replicas, load until a second replica is up, then idle until it goes;
@@ -133,7 +133,7 @@ def wait_for(predicate, timeout_s: float) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--checkpoint", default="checkpoints/tiny-32.safetensors")
@@ -152,14 +152,17 @@ def main() -> None:
         serve.run(build_app(args.checkpoint, store, allow_anonymous=True, **kw), name=name, route_prefix=f"/{name}")
         return f"{url}/{name}"
 
-    # 1. throughput and latency
-    for name, kw in (("r1_batch", dict(min_replicas=1, max_replicas=1)),
-                     ("r1_nobatch", dict(min_replicas=1, max_replicas=1, max_batch_size=1)),
-                     ("r2_batch", dict(min_replicas=2, max_replicas=2))):
+    # 1. throughput and latency, the same offered load per replica (clients and requests scale with
+    # replicas: 16 clients on one replica keep a batch drawing and the next one filling; 16 shared by
+    # two would leave each replica idle between its batches, which measures the clients, not Serve)
+    for name, kw, scale in (("r1_batch", dict(min_replicas=1, max_replicas=1), 1),
+                            ("r1_nobatch", dict(min_replicas=1, max_replicas=1, max_batch_size=1), 1),
+                            ("r2_batch", dict(min_replicas=2, max_replicas=2), 2)):
         app_url = deploy(name, **kw)
         subjects = register(app_url, 3)
         Load(app_url, subjects, 2, 4, args.steps, 120).run()  # warm-up: feature caches, first-call costs
-        results[name] = Load(app_url, subjects, args.clients, args.requests, args.steps, 300).run().summary()
+        results[name] = Load(app_url, subjects, scale * args.clients, scale * args.requests, args.steps,
+                             300).run().summary()
         print(name, results[name], flush=True)
         serve.delete(name)
     results["ratios"] = {

@@ -90,6 +90,36 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> int:
+    """The HTTP API through ray_suti.client; JSON on stdout."""
+    from .client import SuTIAPIError, SuTIClient
+
+    token = open(args.token_file).read().strip() if args.token_file else os.environ.get("SUTI_API_TOKEN")
+    client = SuTIClient(args.url, token=token)
+    try:
+        if args.action == "register":
+            out = {"subject_id": client.register(_subject_photos(args.photos, 5), args.caption)}
+        elif args.action == "generate":
+            result = client.generate(args.prompt, subject_id=args.subject_id,
+                                     photos=_subject_photos(args.photos, 5) if args.photos else None, seed=args.seed,
+                                     steps=args.steps, num_images=args.num_images, guidance_text=args.guidance_text,
+                                     guidance_subject=args.guidance_subject)
+            stem, ext = os.path.splitext(args.out)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            paths = [args.out if i == 0 else f"{stem}-{i}{ext}" for i in range(len(result.images))]
+            for image, path in zip(result.images, paths):
+                image.save(path)
+            out = {"images": paths, "seed": result.seed, "timings": result.timings}
+        elif args.action == "list":
+            out = {"subjects": list(client.list())}
+        else:
+            out = {"deleted": client.delete(args.subject_id)}
+    except SuTIAPIError as e:
+        raise SystemExit(f"error: {e}")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def _oracle(args: argparse.Namespace) -> int:
     from .world.oracle import OracleConfig, write_oracle
 
@@ -119,7 +149,7 @@ def _demo(args: argparse.Namespace) -> int:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = ("bf16", "fp16", "fp32")  # model.loading.DTYPES (not imported here: torch loads slowly)
 
 
 def load_pipeline(checkpoint: str, torch_dtype=None):
@@ -153,7 +183,9 @@ def _generate(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA GPU here")
-    dtype = getattr(torch, DTYPES[args.dtype])
+    from .model.loading import DTYPES as TORCH_DTYPES
+
+    dtype = TORCH_DTYPES[args.dtype]
     pipe = load_pipeline(args.checkpoint).set_scheduler(args.scheduler).to(args.device, dtype)
     photos = _subject_photos(args.subject, pipe.max_demos)
     try:
@@ -240,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", metavar="SCHEDULER",
                    help="ddim, dpm++, euler, euler-a, unipc, ... or a diffusers scheduler class name")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16/bf16 halve memory on a GPU")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp16/bf16 halve memory on a GPU")
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                    help="where and how large, as fractions of the image (checkpoints trained with controls)")
     p.add_argument("--keypoints", type=float, nargs=4, metavar=("TOP_X", "TOP_Y", "SIDE_X", "SIDE_Y"),
@@ -259,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="require this file's key as a bearer token (else SUTI_API_TOKEN, else open)")
     p.add_argument("--api-keys-file", help='JSON {"key": "tenant"}: keys and their tenants')
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("client", help="call a running API (ray_suti.client): register, generate, list, delete")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--token-file", help="the API key, in a file (else SUTI_API_TOKEN)")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("register", help="1-5 photos -> a subject id")
+    a.add_argument("photos", nargs="+", help="photos, or a folder of them")
+    a.add_argument("--caption", nargs="+", default=None, help="one caption per photo")
+    a = actions.add_parser("generate", help="draw a registered subject (or photos sent along)")
+    a.add_argument("prompt")
+    a.add_argument("--subject-id")
+    a.add_argument("--photos", nargs="+", help="instead of --subject-id")
+    a.add_argument("--out", default="generated.png", help="output PNG (extra images get -1, -2, ... suffixes)")
+    a.add_argument("--seed", type=int, default=None)
+    a.add_argument("--steps", type=int, default=25)
+    a.add_argument("--num-images", type=int, default=1)
+    a.add_argument("--guidance-text", type=float, default=1.5)
+    a.add_argument("--guidance-subject", type=float, default=1.5)
+    actions.add_parser("list", help="your subjects")
+    a = actions.add_parser("delete", help="remove a subject and its photos")
+    a.add_argument("subject_id")
+    p.set_defaults(func=_client)
 
     from .evaluate.cli import add_cli as add_evaluate
 

@@ -110,10 +110,10 @@ def serve_once(checkpoint: str, out_dir: str, steps: int, subject_seed: int) -> 
     import socket
 
     import numpy as np
-    import requests
     from PIL import Image
     from ray import serve
 
+    from .client import SuTIClient
     from .serving.app import build_app
     from .utils.images import encode_png
     from .world import Subject, render
@@ -132,24 +132,18 @@ def serve_once(checkpoint: str, out_dir: str, steps: int, subject_seed: int) -> 
         serve.run(build_app(checkpoint, os.path.join(out_dir, "subjects"), max_replicas=1, num_cpus=0.5, allow_anonymous=True),
                   name="demo", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        files = [("images", (f"{i}.png", encode_png(p), "image/png")) for i, p in enumerate(photos)]
-        subject = requests.post(f"{url}/v1/subjects", files=files, data=[("captions", c.prompt(word)) for c in demos],
-                                timeout=120)
-        subject.raise_for_status()
+        client = SuTIClient(url)
+        subject = client.register([encode_png(p) for p in photos], [c.prompt(word) for c in demos])
         t0 = time.time()
-        image = requests.post(f"{url}/v1/generate", json={"prompt": prompt, "subject_id": subject.json()["subject_id"],
-                                                          "steps": steps, "seed": 0},
-                              headers={"Accept": "image/png"}, timeout=300)
-        image.raise_for_status()
+        image = client.generate(prompt, subject_id=subject, steps=steps, seed=0).images[0]
         seconds = time.time() - t0
     finally:
         serve.shutdown()
-    with open(os.path.join(out_dir, "generated.png"), "wb") as f:
-        f.write(image.content)
+    image.save(os.path.join(out_dir, "generated.png"))
     for i, p in enumerate(photos):
         Image.fromarray(p).save(os.path.join(out_dir, f"demo_{i}.png"))
     info = {"url": url, "prompt": prompt, "subject_seed": subject_seed, "request_seconds": round(seconds, 2),
-            "png_bytes": len(image.content)}
+            "png_bytes": os.path.getsize(os.path.join(out_dir, "generated.png"))}
     with open(os.path.join(out_dir, "request.json"), "w") as f:
         json.dump(info, f, indent=2)
     return info

@@ -8,9 +8,11 @@ import os
 
 import torch
 
-from ..utils.storage import is_uri, local_copy, staged
+from ..utils.storage import local_copy, staged
 from .presets import PRESETS, SuTIConfig, get_preset
 from .suti import SuTIModel
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype of the CLI and Serve
 
 TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -77,8 +79,7 @@ def from_base(cls, path: str, adapter: str | None, torch_dtype, suti_options: di
 
 
 def from_pretrained(cls, path: str, kwargs: dict, diffusers_from_pretrained):
-    if is_uri(path):
-        path = local_copy(path)
+    path = local_copy(path)  # a URI fetched; a SuTI folder still being written waited for (its manifest)
     if path.endswith(".safetensors") and os.path.isfile(path):
         return from_single_file(cls, path, kwargs.get("torch_dtype"))
     if os.path.isfile(os.path.join(path, "suti.json")):

@@ -164,7 +164,7 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         from ..utils.storage import staged
 
         kwargs.setdefault("safe_serialization", True)
-        with staged(str(save_directory)) as local:
+        with staged(str(save_directory), publish=True) as local:
             super().save_pretrained(local, **kwargs)
 
     def save_single_file(self, path: str, metadata: dict | None = None, dtype=torch.float16) -> None:

@@ -26,7 +26,7 @@ answers 503 with ``Retry-After``. The autoscaler targets ``target_ongoing_reques
 import os
 
 from .auth import Credentials
-from .generator import DTYPES, Generator
+from .generator import Generator
 from .ingress import Ingress
 from .schemas import MAX_BODY_BYTES, MAX_IMAGES
 
@@ -55,6 +55,8 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
     Credentials.load(**credentials)  # fails here, with where credentials come from, before anything starts
     checkpoint = resolve_checkpoint(checkpoint)  # a preset, a URI or an absolute path
     scheduler_class(scheduler)  # refuses names outside diffusers' allow-listed schedulers
+    from ..model.loading import DTYPES
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     root = store if is_uri(store) else os.path.abspath(store)  # shared storage: every replica sees every subject

@@ -20,9 +20,6 @@ from .schemas import CONTROLS
 from .store import SubjectError, SubjectStore
 
 
-DTYPES = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}  # names of torch dtypes (None: as loaded, fp32)
-
-
 def job_rows(job: dict) -> int:
     """UNet rows a job adds to a denoising loop: its images times the guidance branches."""
     return job["num_images"] * (2 if job.get("guidance_mode") == "interleaved" else 3)
@@ -66,14 +63,15 @@ class Generator:
         import torch
         from PIL import Image
 
+        from ..model.loading import DTYPES
         from ..model.pipeline import load_pipeline
         from ..utils.storage import content_id
 
         torch.set_num_threads(1)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(checkpoint).set_scheduler(scheduler).to(self.device)
-        if DTYPES[dtype]:
-            self.pipe.to(getattr(torch, DTYPES[dtype]))
+        if dtype != "fp32":  # as loaded otherwise (a cast to fp32 would warn about modules kept in fp32)
+            self.pipe.to(DTYPES[dtype])
         self.pipe.set_progress_bar_config(disable=True)
         if warmup:  # the first request should not pay for lazy initialisation (kernels, allocators, caches)
             self.pipe("warm-up", [Image.new("RGB", (64, 64), "gray")], num_inference_steps=2, output_type="np")

@@ -20,10 +20,11 @@ import json
 import re
 import time
 
+import numpy as np
 from PIL import Image
 
 from ..utils import storage
-from ..utils.images import inspect_image
+from ..utils.images import encode_png, inspect_image
 
 ID = re.compile(r"^[0-9a-f]{64}$")
 
@@ -76,9 +77,7 @@ class SubjectStore:
                 img = self.check(data)
             except SubjectError as e:
                 raise SubjectError(f"image {i}: {e}") from None
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            pngs.append(buf.getvalue())
+            pngs.append(encode_png(np.asarray(img)))
             sizes.append(list(img.size))
         digest = hashlib.sha256(b"tenant\0" + tenant.encode() + b"\0")
         for png, caption in zip(pngs, captions):

@@ -60,9 +60,9 @@ def url(ray_local, tmp_path_factory, small_store, main_store):
     serve.run(build_app((REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), small_store.as_uri(), max_replicas=1,
                         num_cpus=0.5, cache_bytes=subject_cache_bytes(2), scheduler="dpm++", allow_anonymous=True),
               name="small", route_prefix="/small")
-    # A latent model (tiny VAE): demos VAE-encoded, images decoded, the same API.
-    serve.run(build_app("tiny-latent", store, max_replicas=1, num_cpus=0.25, allow_anonymous=True), name="latent",
-              route_prefix="/latent")
+    # A latent model (tiny VAE) in bfloat16, as a GPU replica would run: demos VAE-encoded, the same API.
+    serve.run(build_app("tiny-latent", store, max_replicas=1, num_cpus=0.25, allow_anonymous=True, dtype="bf16"),
+              name="latent", route_prefix="/latent")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -87,6 +87,7 @@ def test_a_latent_model_serves_the_same_api(url, dreambench_dir):
                  accept="image/png")
     assert r.status_code == 200, r.text
     assert Image.open(io.BytesIO(r.content)).size == (64, 64)
+    assert requests.get(f"{url}/latent/v1/model", timeout=30).json()["dtype"] == "bfloat16"
 
 
 def test_register_generate_and_delete(url, dreambench_dir):
@@ -300,6 +301,24 @@ def test_a_torn_subject_fails_alone_in_its_batch(url, dreambench_dir, main_store
     assert max(r.json()["timings"]["batch_rows"] for r in answers[1:]) > 1  # they did share batches
 
 
+def test_the_python_client_does_the_whole_round(url, dreambench_dir):
+    from ray_suti.client import SuTIAPIError, SuTIClient
+
+    client = SuTIClient(url)  # the open app (the locked one's tenants are at their quotas by now)
+    paths = sorted((dreambench_dir / "backpack").glob("*.jpg"))[:2]
+    subject = client.register(paths, captions=["a backpack", "a backpack"])
+    listed = [m["subject_id"] for m in client.list(page_size=1)]  # a page at a time, all of them
+    assert subject in listed and len(listed) == len(set(listed)) > 1 and client.get(subject)["num_images"] == 2
+    out = client.generate("a backpack in the snow", subject_id=subject, seed=5, steps=4, num_images=2)
+    assert len(out.images) == 2 and out.images[0].size == (32, 32) and out.seed == 5
+    raw = generate(url, seed=5, subject_id=subject, accept="image/png", prompt="a backpack in the snow")
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(Image.open(io.BytesIO(raw.content)).convert("RGB")))
+    assert client.delete(subject) and not client.delete(subject)
+    with pytest.raises(SuTIAPIError) as e:
+        SuTIClient(f"{url}/locked", token="not-a-key-0123456789").model()
+    assert e.value.status == 401
+
+
 def test_metrics_reach_the_prometheus_endpoint(url, ray_local):
     """Requests by route and status, cache lookups, batch sizes and sampling time, as Prometheus
     reads them from the node's metrics port (exported every few seconds)."""
@@ -399,9 +418,15 @@ def test_serve_command_starts_the_api_and_stops_on_ctrl_c(tmp_path, dreambench_d
             except (requests.ConnectionError, requests.Timeout):  # the proxy or the model is still starting
                 pass
             time.sleep(2)
-        subject = register(url, photos(dreambench_dir, "clock", 2)).json()["subject_id"]
-        png = generate(url, subject_id=subject, accept="image/png")
-        assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (32, 32)
+        client = [sys.executable, "-m", "ray_suti.cli", "client", "--url", url]  # the CLI's client, JSON on stdout
+        run = lambda *a: json.loads(subprocess.run(client + list(a), cwd=REPO, check=True, capture_output=True,  # noqa: E731
+                                                   text=True, timeout=120).stdout)
+        subject = run("register", str(dreambench_dir / "clock"), "--caption", *["a clock"] * 5)["subject_id"]
+        made = run("generate", "a clock on a shelf", "--subject-id", subject, "--steps", "4", "--seed", "1",
+                   "--out", str(tmp_path / "clock.png"))
+        assert made["seed"] == 1 and Image.open(made["images"][0]).size == (32, 32)
+        assert [m["subject_id"] for m in run("list")["subjects"]] == [subject]
+        assert run("delete", subject) == {"deleted": True}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
         with pytest.raises(requests.ConnectionError):

@@ -121,3 +121,29 @@ def test_bad_photos_are_refused_with_a_reason(tmp_path, photos):
         with pytest.raises(SubjectError, match=reason):
             store.put("acme", bad)
     assert store.usage("acme") == (0, 0)
+
+
+def _register_in_a_process(root, photos, barrier, out):
+    barrier.wait()
+    try:
+        out.put(SubjectStore(root).put("acme", photos, ["a", "b"]))
+    except Exception as e:  # noqa: BLE001 (reported to the test)
+        out.put(f"error: {e!r}")
+
+
+def test_concurrent_registrations_from_several_processes_agree(tmp_path, photos):
+    """As replicas on one shared store do: processes behind a barrier, one id, nothing partial."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_register_in_a_process, args=(str(tmp_path), photos[:2], barrier, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    ids = [out.get(timeout=5) for _ in procs]
+    assert len(set(ids)) == 1 and not ids[0].startswith("error"), ids
+    store = SubjectStore(str(tmp_path))
+    assert len(store.get("acme", ids[0])[0]) == 2 and store.usage("acme")[0] == 1
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

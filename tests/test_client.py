@@ -1,0 +1,60 @@
+"""The Python client against a stand-in server: retries on 503 honour Retry-After, other errors raise.
+(Against the real Serve app: tests/serving/test_app.py::test_the_python_client_does_the_whole_round.)"""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ray_suti.client import SuTIAPIError, SuTIClient
+
+
+class Flaky(BaseHTTPRequestHandler):
+    answers: list = []  # (status, headers, body) in turn; the last repeats
+    seen: list = []
+
+    def do_GET(self):
+        self.seen.append((time.time(), self.headers.get("Authorization")))
+        status, headers, body = self.answers[min(len(self.seen) - 1, len(self.answers) - 1)]
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    Flaky.seen = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_503_is_retried_after_what_retry_after_asks(server):
+    busy = (503, {"Retry-After": "1"}, {"detail": "busy"})
+    Flaky.answers = [busy, busy, (200, {}, {"ok": True})]
+    assert SuTIClient(server, token="k" * 16, backoff_s=0.01).health()
+    (t0, auth), *_, (t2, _) = Flaky.seen
+    assert len(Flaky.seen) == 3 and t2 - t0 >= 1.9 and auth == "Bearer " + "k" * 16
+
+
+def test_a_server_that_stays_busy_or_refuses_raises_with_its_reason(server):
+    Flaky.answers = [(503, {"Retry-After": "0"}, {"detail": "the model is busy"})]
+    with pytest.raises(SuTIAPIError, match="503: the model is busy"):
+        SuTIClient(server, retries=2, backoff_s=0.01).model()
+    assert len(Flaky.seen) == 3
+    Flaky.seen, Flaky.answers = [], [(429, {}, {"detail": "subject quota reached"})]
+    with pytest.raises(SuTIAPIError) as e:
+        SuTIClient(server, backoff_s=0.01).model()
+    assert e.value.status == 429 and len(Flaky.seen) == 1  # a quota is not retried
+
+
+def test_no_server_is_an_error_after_the_retries():
+    with pytest.raises(SuTIAPIError, match="no answer"):
+        SuTIClient("http://127.0.0.1:9", retries=1, backoff_s=0.01, timeout_s=2).health()

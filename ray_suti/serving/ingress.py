@@ -10,15 +10,20 @@ answers 504. Errors are JSON ``{"detail": ...}``.
 import asyncio
 import base64
 import binascii
+import io
 import json
 import os
+import re
 import time
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
+from ..utils.images import encode_png
 from .auth import DEFAULT_TENANT, Credentials
 from .schemas import MAX_BODY_BYTES, MAX_IMAGES, GenerateRequest, SubjectRequest
 from .store import QuotaError, SubjectError, SubjectStore
@@ -80,17 +85,48 @@ def decode_base64(items: list[str]) -> list[bytes]:
 
 
 async def read_multipart(request: Request, body: bytes) -> tuple[list[bytes], list[str] | None]:
-    from starlette.requests import Request as StarletteRequest
-
-    async def replay():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    form = await StarletteRequest(request.scope, replay).form(max_files=MAX_IMAGES + 1, max_fields=MAX_IMAGES + 1)
+    form = await read_form(request, body)
     files = form.getlist("images")
     if not files or any(isinstance(f, str) for f in files):
         raise SubjectError("send the photos as multipart files named 'images'")
     captions = [c for c in form.getlist("captions") if isinstance(c, str)] or None
     return [await f.read() for f in files], captions
+
+
+class Failure(Exception):
+    """A request that cannot be drawn: the status and the reason, shaped by the route that answers."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                      413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                      503: "server_error", 504: "server_error"}
+
+
+def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    """OpenAI's error shape, so the ``openai`` package raises its usual exceptions."""
+    body = {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": None}}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(body, status_code=400 if status == 422 else status, headers=headers)
+
+
+def resize_png(png: bytes, side: int) -> bytes:
+    """An image drawn at the model's size -> ``side`` x ``side`` (OpenAI's ``size``)."""
+    img = Image.open(io.BytesIO(png))
+    return encode_png(np.asarray(img.resize((side, side), Image.LANCZOS)))
+
+
+async def read_form(request: Request, body: bytes):
+    from starlette.requests import Request as StarletteRequest
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return await StarletteRequest(request.scope, replay).form(max_files=MAX_IMAGES + 1, max_fields=MAX_IMAGES + 8)
 
 
 def json_body(model: type[BaseModel]) -> dict:
@@ -207,28 +243,92 @@ class Ingress:
         want_png = "image/png" in request.headers.get("accept", "")
         if want_png and req.num_images != 1:
             return error(406, "image/png holds one image: ask for num_images 1, or JSON")
-        job = {"prompt": req.prompt, "num_images": req.num_images, "steps": req.steps,
-               "guidance_text": float(req.guidance_text), "guidance_subject": float(req.guidance_subject),
-               "guidance_mode": req.guidance_mode, "tenant": request.state.tenant,
-               "seed": req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1}
-        try:
-            job.update(await asyncio.to_thread(self._inputs, req, request.state.tenant))
-        except LookupError:
-            return error(404, "unknown subject_id")
-        except SubjectError as e:
-            return error(422, str(e))
         t0 = time.perf_counter()
-        result = await self._call_model(job)
-        if result["status"] == 503:
-            return busy(result["detail"])
-        if result["status"] != 200:
-            return error(result["status"], result["detail"])
+        try:
+            job, result = await self._draw(req, request.state.tenant)
+        except Failure as e:
+            return busy(e.detail) if e.status == 503 else error(e.status, e.detail)
         if want_png:
             return Response(result["images"][0], media_type="image/png", headers={"X-Seed": str(job["seed"])})
         return {"images": [base64.b64encode(png).decode() for png in result["images"]], "seed": job["seed"],
                 "subject_id": req.subject_id,
                 "timings": {"sampling_s": round(result["seconds"], 4),
                             "total_s": round(time.perf_counter() - t0, 4), "batch_rows": result["batch_rows"]}}
+
+    async def _draw(self, req: GenerateRequest, tenant: str) -> tuple[dict, dict]:
+        """(the job, the model's answer) of a checked request; Failure(status, detail) otherwise."""
+        job = {"prompt": req.prompt, "num_images": req.num_images, "steps": req.steps,
+               "guidance_text": float(req.guidance_text), "guidance_subject": float(req.guidance_subject),
+               "guidance_mode": req.guidance_mode, "tenant": tenant,
+               "seed": req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1}
+        try:
+            job.update(await asyncio.to_thread(self._inputs, req, tenant))
+        except LookupError:
+            raise Failure(404, "unknown subject_id") from None
+        except SubjectError as e:
+            raise Failure(422, str(e)) from None
+        result = await self._call_model(job)
+        if result["status"] != 200:
+            raise Failure(result["status"], result["detail"])
+        return job, result
+
+    @api.post("/v1/images/edits", summary="OpenAI Images API: multipart `image[]` (1-5 photos of the subject), "
+                                          "`prompt`, `n`, `size`, `response_format` b64_json")
+    async def openai_edits(self, request: Request):
+        body = await self._body(request)
+        if isinstance(body, JSONResponse):
+            return openai_error(413, f"request body over {self.max_body_bytes} bytes")
+        try:
+            form = await read_form(request, body)
+            files = form.getlist("image[]") or form.getlist("image")
+            if not files or any(isinstance(f, str) for f in files):
+                return openai_error(400, "send 1-5 photos of the subject as multipart files named image[]", "image")
+            fields = {k: form.get(k) for k in ("prompt", "n", "size", "response_format", "seed", "steps")}
+            photos = [base64.b64encode(await f.read()).decode() for f in files]
+        except (ValueError, KeyError) as e:  # a malformed form
+            return openai_error(400, f"malformed multipart form: {e}")
+        return await self._openai(request, {**fields, "images": photos})
+
+    @api.post("/v1/images/generations", summary="OpenAI Images API with a `subject_id` extension (a registered "
+                                                "subject): `prompt`, `n`, `size`, `response_format` b64_json")
+    async def openai_generations(self, request: Request):
+        body = await self._body(request)
+        if isinstance(body, JSONResponse):
+            return openai_error(413, f"request body over {self.max_body_bytes} bytes")
+        try:
+            fields = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            return openai_error(400, "body must be JSON")
+        if not isinstance(fields, dict):
+            return openai_error(400, "body must be a JSON object")
+        if not fields.get("subject_id"):
+            return openai_error(400, "this server draws subjects: give subject_id (register photos with POST "
+                                     "/v1/subjects), or send the photos to /v1/images/edits", "subject_id")
+        return await self._openai(request, fields)
+
+    async def _openai(self, request: Request, fields: dict):
+        """OpenAI's fields -> a GenerateRequest, drawn; the answer in OpenAI's response shape."""
+        size, response_format = fields.get("size") or "auto", fields.get("response_format") or "b64_json"
+        if response_format != "b64_json":
+            return openai_error(400, "response_format must be b64_json (this server keeps no image URLs)",
+                                "response_format")
+        if size != "auto" and not re.fullmatch(r"(\d{2,4})x\1", str(size)):
+            return openai_error(400, "size must be auto or square, e.g. 512x512", "size")
+        try:
+            ints = {k: int(fields[k]) for k in ("n", "seed", "steps") if fields.get(k) not in (None, "")}
+            req = GenerateRequest.model_validate(
+                {"prompt": fields.get("prompt"), "num_images": ints.get("n", 1), "seed": ints.get("seed"),
+                 "steps": ints.get("steps", 25), "subject_id": fields.get("subject_id"), "images": fields.get("images")})
+        except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+            message = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()) \
+                if isinstance(e, ValidationError) else str(e)
+            return openai_error(400, message.replace("num_images", "n")[:2000])
+        try:
+            _, result = await self._draw(req, request.state.tenant)
+        except Failure as e:
+            return openai_error(e.status, e.detail)
+        pngs = result["images"] if size == "auto" else [resize_png(p, int(size.split("x")[0])) for p in result["images"]]
+        return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(p).decode()} for p in pngs]}
 
     def _inputs(self, req: GenerateRequest, tenant: str) -> dict:
         """The job's subject and controls, checked (in a thread: decoding and storage I/O)."""

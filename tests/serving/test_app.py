@@ -277,6 +277,34 @@ def test_overload_answers_503_with_retry_after_and_no_other_5xx(url, dreambench_
     assert all(r.headers["Retry-After"].isdigit() for r in answers if r.status_code == 503)
 
 
+def test_the_openai_package_draws_through_the_images_api(url, dreambench_dir):
+    """The official client, base_url at the server, the API key as its key: edits with the photos,
+    generations with a registered subject (the subject_id extension), errors as its exceptions."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/locked/v1", api_key=KEY_A, max_retries=4)
+    paths = sorted((dreambench_dir / "dog2").glob("*.jpg"))[:2]
+    edited = client.images.edit(image=[open(p, "rb") for p in paths], prompt="a dog on the beach", n=2, size="64x64",
+                                response_format="b64_json", extra_body={"seed": 3, "steps": 4})
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in edited.data]
+    assert len(images) == 2 and images[0].size == (64, 64) and edited.created > 0
+    [subject, *_] = [m["subject_id"] for m in requests.get(f"{url}/locked/v1/subjects", headers=AS_A, timeout=30).json()["subjects"]]
+    made = client.images.generate(prompt="a photo on the beach", n=1, extra_body={"subject_id": subject, "seed": 0, "steps": 4})
+    png = base64.b64decode(made.data[0].b64_json)
+    assert png == generate(f"{url}/locked", seed=0, subject_id=subject, headers=AS_A, accept="image/png").content
+    with pytest.raises(openai.BadRequestError, match="subject_id"):
+        client.images.generate(prompt="a dog")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.images.generate(prompt="a dog", response_format="url", extra_body={"subject_id": subject})
+    with pytest.raises(openai.NotFoundError, match="unknown subject_id"):
+        client.images.generate(prompt="a dog", extra_body={"subject_id": "0" * 64})
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.images.generate(prompt="a dog", n=9, extra_body={"subject_id": subject})
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/locked/v1", api_key="not-a-key-0123456789").images.generate(
+            prompt="a dog", extra_body={"subject_id": subject})
+
+
 def test_a_torn_subject_fails_alone_in_its_batch(url, dreambench_dir, main_store):
     from ray_suti.serving.store import SubjectStore
 
@@ -307,8 +335,9 @@ def test_the_python_client_does_the_whole_round(url, dreambench_dir):
     client = SuTIClient(url)  # the open app (the locked one's tenants are at their quotas by now)
     paths = sorted((dreambench_dir / "backpack").glob("*.jpg"))[:2]
     subject = client.register(paths, captions=["a backpack", "a backpack"])
+    other = client.register(sorted((dreambench_dir / "can").glob("*.jpg"))[:1])
     listed = [m["subject_id"] for m in client.list(page_size=1)]  # a page at a time, all of them
-    assert subject in listed and len(listed) == len(set(listed)) > 1 and client.get(subject)["num_images"] == 2
+    assert {subject, other} <= set(listed) and len(listed) == len(set(listed)) and client.get(subject)["num_images"] == 2
     out = client.generate("a backpack in the snow", subject_id=subject, seed=5, steps=4, num_images=2)
     assert len(out.images) == 2 and out.images[0].size == (32, 32) and out.seed == 5
     raw = generate(url, seed=5, subject_id=subject, accept="image/png", prompt="a backpack in the snow")

@@ -138,8 +138,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--checkpoint", default="checkpoints/tiny-32.safetensors")
     parser.add_argument("--out", default="runs/bench-serve/results.json")
+    parser.add_argument("--phases", default="throughput,overload,autoscaling,faults",
+                        help="comma-separated subset of the four phases")
     args = parser.parse_args()
-    import ray
+    phases = set(args.phases.split(","))
     from ray import serve
 
     init_ray(num_cpus=2)
@@ -151,6 +153,24 @@ def main() -> None:
     def deploy(name: str, **kw) -> str:
         serve.run(build_app(args.checkpoint, store, allow_anonymous=True, **kw), name=name, route_prefix=f"/{name}")
         return f"{url}/{name}"
+
+    if "throughput" in phases:
+        throughput(args, deploy, results)
+    if "overload" in phases:
+        overload(args, deploy, results)
+    if "autoscaling" in phases:
+        autoscaling(args, deploy, results)
+    if "faults" in phases:
+        faults(args, deploy, results)
+    serve.shutdown()
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+
+
+def throughput(args, deploy, results: dict) -> None:
+    from ray import serve
 
     # 1. throughput and latency, the same offered load per replica (clients and requests scale with
     # replicas: 16 clients on one replica keep a batch drawing and the next one filling; 16 shared by
@@ -169,12 +189,20 @@ def main() -> None:
         "batching_vs_not_throughput": round(results["r1_batch"]["throughput_rps"] / results["r1_nobatch"]["throughput_rps"], 3),
         "two_vs_one_replica_throughput": round(results["r2_batch"]["throughput_rps"] / results["r1_batch"]["throughput_rps"], 3)}
 
+
+def overload(args, deploy, results: dict) -> None:
+    from ray import serve
+
     # 2. overload: a small queue, many clients
     app_url = deploy("overload", min_replicas=1, max_replicas=1, max_queued_requests=4)
     subjects = register(app_url, 3)
     results["overload"] = Load(app_url, subjects, 2 * args.clients, 4 * args.clients, args.steps, 300).run().summary()
     print("overload", results["overload"], flush=True)
     serve.delete("overload")
+
+
+def autoscaling(args, deploy, results: dict) -> None:
+    from ray import serve
 
     # 3. autoscaling 1 -> 2 under load, back to 1 after it
     app_url = deploy("auto", min_replicas=1, max_replicas=2, target_ongoing_requests=1, downscale_delay_s=5.0)
@@ -188,6 +216,11 @@ def main() -> None:
     print("autoscaling", results["autoscaling"], flush=True)
     serve.delete("auto")
 
+
+def faults(args, deploy, results: dict) -> None:
+    import ray
+    from ray import serve
+
     # 4. a replica process killed under load
     app_url = deploy("faults", min_replicas=2, max_replicas=2)
     subjects = register(app_url, 3)
@@ -199,11 +232,6 @@ def main() -> None:
     load.join()
     results["replica_killed_under_load"] = {**load.summary(), "replaced_after_s": replaced}
     serve.delete("faults")
-    serve.shutdown()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

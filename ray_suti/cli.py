@@ -61,6 +61,9 @@ def _encode(args: argparse.Namespace) -> int:
     return _run_stage(run_encode, cfg, f"cached inputs: {cfg.output}   (use: ray-suti train --latents {cfg.output})")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -68,22 +71,27 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from .serving.app import build_app
+    from .serving.auth import CredentialsError
     from .utils.ray_utils import init_ray
 
     # Ctrl-C and SIGTERM (Kubernetes, systemd) both shut Serve down cleanly, even when they arrive
     # while the app is still deploying: the handler only sets a flag the main thread acts on.
+    # Open only on the loopback interface; any other host needs keys (a file, or SUTI_API_TOKEN).
+    try:
+        app = build_app(checkpoint=args.checkpoint, store=args.store, max_replicas=args.max_replicas,
+                        num_gpus=args.num_gpus, scheduler=args.scheduler, api_keys_file=args.api_keys_file,
+                        token_file=args.token_file, allow_anonymous=args.host in LOOPBACK)
+    except CredentialsError as e:
+        raise SystemExit(f"error: --host {args.host}: {e}") from None
     stop = threading.Event()
     init_ray()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        # 127.0.0.1 only: open unless keys are given (a key file, or SUTI_API_TOKEN in the environment)
-        serve.run(build_app(checkpoint=args.checkpoint, store=args.store, max_replicas=args.max_replicas,
-                            num_gpus=args.num_gpus, scheduler=args.scheduler, api_keys_file=args.api_keys_file,
-                            token_file=args.token_file, allow_anonymous=True), route_prefix="/")
-        print(f"serving {args.checkpoint} at http://127.0.0.1:{args.port}  (API docs: /docs; Ctrl-C stops)",
-              flush=True)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, route_prefix="/")
+        print(f"serving {args.checkpoint} at http://{args.host}:{args.port}  (API docs: /docs; Ctrl-C stops)",
+              file=sys.stderr, flush=True)
         stop.wait()
     finally:
         serve.shutdown()
@@ -210,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .model.schedulers import GUIDANCE_MODES, SCHEDULER_NAMES
     from .world.crawl import WorldConfig
 
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="ray-suti", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ray-suti {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("world", help="stage 0: generate the synthetic web crawl (Ray tasks)")
@@ -231,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, BuildConfig)
     p.set_defaults(func=_build_dataset)
 
+    p = sub.add_parser("pretrain", help="stage 2: train the base text-to-image model on web pairs (Ray Train)")
+    add_dataclass_args(p, TrainConfig, skip=("mode",))
+    p.set_defaults(func=lambda a: _train(a, "pretrain"))
+
     p = sub.add_parser("oracle", help="write oracle ICL-V2 examples (the renderer as a perfect expert)")
     add_dataclass_args(p, OracleConfig)
     p.set_defaults(func=_oracle)
@@ -247,13 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, EncodeConfig)
     p.set_defaults(func=_encode)
 
-    p = sub.add_parser("pretrain", help="stage 2: train the base text-to-image model on web pairs (Ray Train)")
-    add_dataclass_args(p, TrainConfig, skip=("mode",))
-    p.set_defaults(func=lambda a: _train(a, "pretrain"))
-
     p = sub.add_parser("train", help="stage 4: train SuTI on ICL-V2 examples (Ray Train + DeepSpeed ZeRO)")
     add_dataclass_args(p, TrainConfig, skip=("mode",))
     p.set_defaults(func=lambda a: _train(a, "suti"))
+
+    from .evaluate.cli import add_cli as add_evaluate
+
+    add_evaluate(sub)
 
     p = sub.add_parser("generate", help="draw a subject from its photos in a new context")
     p.add_argument("--checkpoint", required=True, help="saved checkpoint folder, or a preset name (tiny-32, ...)")
@@ -282,9 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="stage 6: serve the HTTP API locally (Ray Serve; serve/config.yaml for clusters)")
     p.add_argument("--checkpoint", default="checkpoints/tiny-32.safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind; other than loopback needs API keys")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--store", default="runs/subjects", help="folder or URI of registered subjects")
-    p.add_argument("--max-replicas", type=int, default=2)
+    p.add_argument("--replicas", "--max-replicas", dest="max_replicas", type=int, default=2,
+                   help="most model replicas (the autoscaler starts at 1)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", metavar="SCHEDULER",
                    help="sampler, any allowed diffusers scheduler (dpm++ with --steps 10 per request: same fidelity, 2.6x faster on tiny-32)")
@@ -313,10 +330,6 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("delete", help="remove a subject and its photos")
     a.add_argument("subject_id")
     p.set_defaults(func=_client)
-
-    from .evaluate.cli import add_cli as add_evaluate
-
-    add_evaluate(sub)
 
     p = sub.add_parser("demo", help="run every stage on the embedded default and print the results")
     p.add_argument("--preset", default="default", help="default (< 20 min on 2 cores) or smoke (< 5 min)")

@@ -58,3 +58,20 @@ def test_a_server_that_stays_busy_or_refuses_raises_with_its_reason(server):
 def test_no_server_is_an_error_after_the_retries():
     with pytest.raises(SuTIAPIError, match="no answer"):
         SuTIClient("http://127.0.0.1:9", retries=1, backoff_s=0.01, timeout_s=2).health()
+
+
+def test_cli_habits_version_pipeline_order_and_a_public_host_needing_keys(monkeypatch, capsys):
+    """`ray-suti --version`; subcommands in pipeline order; `serve --host` off loopback refuses to
+    start without keys, before any Ray starts."""
+    from ray_suti import __version__
+    from ray_suti.cli import build_parser, main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"ray-suti {__version__}"
+    order = list(build_parser()._subparsers._group_actions[0].choices)
+    stages = ["world", "build-dataset", "pretrain", "apprentice", "encode", "train", "evaluate", "serve"]
+    assert [c for c in order if c in stages] == stages
+    monkeypatch.delenv("SUTI_API_TOKEN", raising=False)
+    with pytest.raises(SystemExit, match="--host 0.0.0.0: the API needs credentials"):
+        main(["serve", "--host", "0.0.0.0", "--replicas", "1"])

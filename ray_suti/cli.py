@@ -207,10 +207,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}")
     stem, ext = os.path.splitext(args.out)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    for i, image in enumerate(out.images):
-        path = args.out if i == 0 else f"{stem}-{i}{ext}"
+    paths = [args.out if i == 0 else f"{stem}-{i}{ext}" for i in range(len(out.images))]
+    for image, path in zip(out.images, paths):
         image.save(path)
-        print(path)
+    print(json.dumps({"images": paths, "seed": args.seed, "prompt": args.prompt}) if args.json else "\n".join(paths))
     return 0
 
 
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keypoints", type=float, nargs=4, metavar=("TOP_X", "TOP_Y", "SIDE_X", "SIDE_Y"),
                    help="the subject's top and right-hand side, as fractions of the image")
     p.add_argument("--edges", help="an outline image (bright lines on dark)")
+    p.add_argument("--json", action="store_true", help="print JSON (image paths, seed) instead of the paths")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("serve", help="stage 6: serve the HTTP API locally (Ray Serve; serve/config.yaml for clusters)")

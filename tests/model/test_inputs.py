@@ -1,4 +1,5 @@
 import io
+import json
 import subprocess
 import sys
 
@@ -81,8 +82,9 @@ def test_generate_command_writes_a_png(tmp_path, dreambench_dir):
                            "--subject", str(dreambench_dir / "dog2"), "--prompt", "a dog on the beach",
                            "--out", str(out), "--steps", "2", "--seed", "1", "--device", "cpu", "--dtype", "bf16",
                            "--scheduler", "euler-a", "--guidance-mode", "interleaved", "--guidance-subject", "2.5",
-                           "--negative-prompt", "blurry"], capture_output=True, text=True, timeout=300)
+                           "--negative-prompt", "blurry", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {"images": [str(out)], "seed": 1, "prompt": "a dog on the beach"}  # stdout: results
     assert Image.open(out).size == (32, 32)
     assert "first 5 of 6" in proc.stderr
     bad = subprocess.run([sys.executable, "-m", "ray_suti.cli", "generate", "--checkpoint", "tiny-32", "--subject",

@@ -12,6 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench-sample"
 
 
+def pytest_report_header(config):
+    """Said at the top of every run (CI's log included): whether the DreamBench tests can run."""
+    found = DREAMBENCH.is_dir() and any(DREAMBENCH.glob("*/*.jpg"))
+    return f"DreamBench sample: {'found at ' + str(DREAMBENCH) if found else 'ABSENT (' + str(DREAMBENCH) + '): its tests skip'}"
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the whole session, stopped by its own handle at the end."""

@@ -353,6 +353,17 @@ def test_metrics_reach_the_prometheus_endpoint(url, ray_local):
     reads them from the node's metrics port (exported every few seconds)."""
     import time
 
+    from ray_suti.utils.images import encode_png
+    from ray_suti.world import heldout_seeds, render
+    from ray_suti.world.contexts import Context
+
+    seed = heldout_seeds(1)[0]  # rendered photos: this test needs nothing outside the repo
+    rendered = [encode_png(render(seed, Context(scene=s), 32)[0]) for s in ("beach", "forest")]
+    subject = register(url, rendered).json()["subject_id"]
+    assert generate(url, subject_id=subject, seed=1).status_code == 200  # a miss, then a hit
+    assert generate(url, subject_id=subject, seed=2).status_code == 200
+    assert requests.get(f"{url}/v1/subjects/{subject}", timeout=30).status_code == 200
+    assert requests.get(f"{url}/locked/v1/model", timeout=30).status_code == 401
     node = ray_local._private.worker.global_worker.node
     wanted = ['ray_suti_requests_total{', 'route="POST /v1/generate"', 'status="401"', 'route="GET /v1/subjects/{subject_id}"',
               'ray_suti_feature_cache_total{', 'result="hit"', 'result="miss"', "ray_suti_batch_requests_bucket{",

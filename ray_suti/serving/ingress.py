@@ -275,9 +275,9 @@ class Ingress:
     @api.post("/v1/images/edits", summary="OpenAI Images API: multipart `image[]` (1-5 photos of the subject), "
                                           "`prompt`, `n`, `size`, `response_format` b64_json")
     async def openai_edits(self, request: Request):
-        body = await self._body(request)
+        body = await self._openai_body(request)
         if isinstance(body, JSONResponse):
-            return openai_error(413, f"request body over {self.max_body_bytes} bytes")
+            return body
         try:
             form = await read_form(request, body)
             files = form.getlist("image[]") or form.getlist("image")
@@ -292,9 +292,9 @@ class Ingress:
     @api.post("/v1/images/generations", summary="OpenAI Images API with a `subject_id` extension (a registered "
                                                 "subject): `prompt`, `n`, `size`, `response_format` b64_json")
     async def openai_generations(self, request: Request):
-        body = await self._body(request)
+        body = await self._openai_body(request)
         if isinstance(body, JSONResponse):
-            return openai_error(413, f"request body over {self.max_body_bytes} bytes")
+            return body
         try:
             fields = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -305,6 +305,10 @@ class Ingress:
             return openai_error(400, "this server draws subjects: give subject_id (register photos with POST "
                                      "/v1/subjects), or send the photos to /v1/images/edits", "subject_id")
         return await self._openai(request, fields)
+
+    async def _openai_body(self, request: Request) -> bytes | JSONResponse:
+        body = await self._body(request)
+        return openai_error(413, f"request body over {self.max_body_bytes} bytes") if isinstance(body, JSONResponse) else body
 
     async def _openai(self, request: Request, fields: dict):
         """OpenAI's fields -> a GenerateRequest, drawn; the answer in OpenAI's response shape."""

@@ -4,8 +4,15 @@ PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 setup: $(VENV)/.installed
+
+# The web page's tests drive Debian's chromium through its chromedriver (no browser downloads).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,7 +24,7 @@ demo: setup
 	$(VENV)/bin/ray-suti demo
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
-test: setup
+test: setup browser
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 clean:

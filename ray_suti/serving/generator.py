@@ -6,6 +6,10 @@ on what it was batched with. A job whose subject vanished, whose stored photos c
 whose controls the checkpoint lacks fails alone; the rest of its batch is drawn. Denoising runs in a
 thread, off the replica's event loop. A batch is cut into denoising loops of at most
 ``max_batch_rows`` UNet rows (images x guidance branches), so memory per loop is bounded.
+
+``generate`` streams: a job that asks for ``progress`` receives ``{"step", "steps"}`` events while
+its loop runs (the web page's progress bar), then, like every job, one result ``{"status", ...}``.
+A batch where no job asked sends only the results.
 """
 from __future__ import annotations
 
@@ -80,7 +84,7 @@ class Generator:
         self.checkpoint_id = content_id(checkpoint)
         self.stats = {"feature_hits": 0, "feature_misses": 0, "batches": 0, "rows": 0}
         self.metrics = replica_metrics()
-        self.generate.set_max_batch_size(max_batch_size)  # 1 turns batching off (bench/serve_load.py)
+        self.draw_batch.set_max_batch_size(max_batch_size)  # 1 turns batching off (bench/serve_load.py)
 
     def features(self, tenant: str, subject_id: str):
         """Cached DemoFeatures of a stored subject; None when it is not (or no longer) stored;
@@ -108,12 +112,40 @@ class Generator:
                 "controls": list(self.pipe.controls), "scheduler": type(self.pipe.scheduler).__name__,
                 "cache_entries": len(self.cache.entries), "cache_bytes": self.cache.bytes, **self.stats}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate(self, jobs: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self.run_batch, jobs)
+    async def generate(self, job: dict):
+        """Progress events (when the job asks), then its result. An async generator method itself,
+        so Serve streams it on its event loop (a batch wrapper alone looks synchronous to it)."""
+        async for item in self.draw_batch(job):
+            yield item
 
-    def run_batch(self, jobs: list[dict]) -> list[dict]:
-        """Jobs with the same sampling settings share denoising loops; a failing job fails alone."""
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def draw_batch(self, jobs: list[dict]):
+        """Per yield, one item per job: a progress event (None for jobs not in the running loop or
+        not asking), then the results."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        wanted = [bool(job.get("progress")) for job in jobs]
+
+        def report(members: list[int], step: int, steps: int) -> None:  # from the sampling thread
+            loop.call_soon_threadsafe(events.put_nowait, (members, step, steps))
+
+        drawing = asyncio.ensure_future(asyncio.to_thread(self.run_batch, jobs, report if any(wanted) else None))
+        def progress(members, step, steps):
+            return [{"step": step, "steps": steps} if i in members and wanted[i] else None for i in range(len(jobs))]
+
+        while any(wanted):
+            event = asyncio.ensure_future(events.get())
+            await asyncio.wait({drawing, event}, return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
+                event.cancel()
+                break
+            yield progress(*event.result())
+        while not events.empty():  # steps queued before the loop's end (callbacks run in order)
+            yield progress(*events.get_nowait())
+        yield await drawing
+
+    def run_batch(self, jobs: list[dict], report=None) -> list[dict]:
+        """Jobs with the same sampling settings share denoising loops; a failing job fails alone.
+        ``report(members, step, steps)`` hears each step of each loop."""
         from ..model.inputs import SuTIInputError
 
         results: list[dict | None] = [None] * len(jobs)
@@ -137,7 +169,7 @@ class Generator:
         for settings, members in groups.items():
             for chunk in self._chunks(members, jobs):
                 for i, images, seconds in self._sample([jobs[i] for i in chunk], [feats[i] for i in chunk],
-                                                       settings, chunk):
+                                                       settings, chunk, report):
                     results[i] = {"status": 200, "images": images, "seconds": seconds, "batch_rows": len(chunk)}
         self.metrics["batch_rows"].observe(len(jobs))
         self.stats["batches"] += 1
@@ -155,7 +187,7 @@ class Generator:
         if chunk:
             yield chunk
 
-    def _sample(self, jobs, feats, settings, indices):
+    def _sample(self, jobs, feats, settings, indices, report=None):
         import torch
 
         from ..model.layers import DemoFeatures
@@ -171,9 +203,10 @@ class Generator:
             rows = [job.get(c) for job in jobs for _ in range(job["num_images"])]
             controls[c] = rows if any(v is not None for v in rows) else None
         steps, g_text, g_subject, mode = settings
+        on_step = None if report is None else (lambda pipe, i, t, tensors: report(indices, i + 1, steps) or {})
         out = self.pipe(prompts, demos, num_inference_steps=steps, guidance_scale_text=g_text,
                         guidance_scale_subject=g_subject, guidance_mode=mode, generator=generators, output_type="np",
-                        **controls).images
+                        callback_on_step_end=on_step, **controls).images
         seconds = time.perf_counter() - t0
         self.metrics["sampling_s"].observe(seconds)
         start = 0

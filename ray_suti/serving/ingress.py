@@ -10,6 +10,7 @@ answers 504. Errors are JSON ``{"detail": ...}``.
 import asyncio
 import base64
 import binascii
+import html
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import time
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -28,7 +29,8 @@ from .auth import DEFAULT_TENANT, Credentials
 from .schemas import MAX_BODY_BYTES, MAX_IMAGES, GenerateRequest, SubjectRequest
 from .store import QuotaError, SubjectError, SubjectStore
 
-OPEN_PATHS = ("/healthz",)
+OPEN_PATHS = ("/healthz", "/")  # and the page's files under /web/: they hold no data
+WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 REPLICA: dict = {}  # this process's credentials and request counter, for the middleware
 
 
@@ -53,8 +55,8 @@ async def authenticate(request: Request, call_next):
     """Every route, /docs and /openapi.json included, except the open ones."""
     credentials = REPLICA.get("credentials")
     path, prefix = request.scope["path"], request.scope.get("root_path", "")
-    path = path.removeprefix(prefix)  # the route inside the app, whatever its route_prefix
-    tenant = DEFAULT_TENANT if path in OPEN_PATHS else (
+    path = path.removeprefix(prefix) or "/"  # the route inside the app, whatever its route_prefix
+    tenant = DEFAULT_TENANT if path in OPEN_PATHS or path.startswith("/web/") else (
         credentials.tenant(request.headers.get("authorization")) if credentials else None)
     if tenant is None:
         response = JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
@@ -114,6 +116,18 @@ def openai_error(status: int, message: str, param: str | None = None) -> JSONRes
     return JSONResponse(body, status_code=400 if status == 422 else status, headers=headers)
 
 
+def web_file(name: str) -> bytes:
+    from importlib.resources import files
+
+    return (files("ray_suti.serving") / "web" / name).read_bytes()
+
+
+def thumbnail(png: bytes, side: int) -> bytes:
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    img.thumbnail((side, side), Image.LANCZOS)
+    return encode_png(np.asarray(img))
+
+
 def resize_png(png: bytes, side: int) -> bytes:
     """An image drawn at the model's size -> ``side`` x ``side`` (OpenAI's ``size``)."""
     img = Image.open(io.BytesIO(png))
@@ -127,6 +141,26 @@ async def read_form(request: Request, body: bytes):
         return {"type": "http.request", "body": body, "more_body": False}
 
     return await StarletteRequest(request.scope, replay).form(max_files=MAX_IMAGES + 1, max_fields=MAX_IMAGES + 8)
+
+
+async def answer(stream, on_progress) -> dict:
+    """The last item of a Generator.generate stream (the result), passing progress events on."""
+    async for item in stream:
+        if item is None:
+            continue
+        if "status" in item:
+            return item
+        if on_progress is not None:
+            await on_progress(item)
+    return {"status": 503, "detail": "the model replica ended the request without an answer"}
+
+
+def drawn(req: GenerateRequest, job: dict, result: dict, t0: float) -> dict:
+    """The JSON answer of a drawn request."""
+    return {"images": [base64.b64encode(png).decode() for png in result["images"]], "seed": job["seed"],
+            "subject_id": req.subject_id,
+            "timings": {"sampling_s": round(result["seconds"], 4), "total_s": round(time.perf_counter() - t0, 4),
+                        "batch_rows": result["batch_rows"]}}
 
 
 def json_body(model: type[BaseModel]) -> dict:
@@ -165,19 +199,21 @@ class Ingress:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
             return error(422, problems[:2000])
 
-    async def _call_model(self, job: dict) -> dict:
+    async def _call_model(self, job: dict, on_progress=None) -> dict:
         """The model's answer, or 503 when its queue is full or no replica answers, 504 past the
         timeout. A replica lost while holding the request (node loss, scale-down, a crash) costs one
-        retry on another, never more: a request that kills replicas takes at most two with it."""
+        retry on another, never more: a request that kills replicas takes at most two with it.
+        ``on_progress(event)`` hears the sampling steps (the job then asks for them)."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+        job = {**job, "progress": on_progress is not None}
         for attempt in range(2):
-            response = self.generator.generate.remote(job)
+            stream = self.generator.options(stream=True).generate.remote(job)
             try:
-                return await asyncio.wait_for(response, self.timeout)
+                return await asyncio.wait_for(answer(stream, on_progress), self.timeout)
             except asyncio.TimeoutError:
-                response.cancel()
+                stream.cancel()
                 return {"status": 504, "detail": f"generation took longer than {self.timeout:g} s"}
             except (BackPressureError, DeploymentUnavailableError):
                 return {"status": 503, "detail": "the model is busy: try again shortly"}
@@ -185,6 +221,21 @@ class Ingress:
                 if attempt:
                     return {"status": 503, "detail": "the model replica stopped while drawing this request"}
                 await asyncio.sleep(0.5)
+
+    @api.get("/", include_in_schema=False)
+    async def page(self, request: Request):
+        """The web page (``web/``): it asks for a key when the API wants one. Its links are relative
+        to the app's route prefix."""
+        base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
+        page = (await asyncio.to_thread(web_file, "index.html")).decode().replace("__BASE__", base)
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @api.get("/web/{name}", include_in_schema=False)
+    async def web_asset(self, name: str):
+        if name not in WEB_FILES:
+            return error(404, "no such file")
+        return Response(await asyncio.to_thread(web_file, name), media_type=WEB_FILES[name],
+                        headers={"Cache-Control": "no-cache"})
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -228,6 +279,17 @@ class Ingress:
         meta = await asyncio.to_thread(self.store.meta, request.state.tenant, subject_id)
         return meta if meta is not None else error(404, "unknown subject_id")
 
+    @api.get("/v1/subjects/{subject_id}/images/{index}", summary="One stored photo as PNG (`size`: thumbnail side)")
+    async def subject_photo(self, subject_id: str, index: int, request: Request, size: int = 0):
+        if not 0 <= size <= 1024:
+            return error(422, "size must be between 0 (as stored) and 1024")
+        png = await asyncio.to_thread(self.store.photo, request.state.tenant, subject_id, index)
+        if png is None:
+            return error(404, "unknown subject_id or image index")
+        if size:
+            png = await asyncio.to_thread(thumbnail, png, size)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
     @api.delete("/v1/subjects/{subject_id}", status_code=204)
     async def delete_subject(self, subject_id: str, request: Request):
         if not await asyncio.to_thread(self.store.delete, request.state.tenant, subject_id):
@@ -235,12 +297,18 @@ class Ingress:
         return Response(status_code=204)
 
     @api.post("/v1/generate", openapi_extra=json_body(GenerateRequest),
-              summary="Draw the subject as the prompt says: PNG with `Accept: image/png` (one image), else JSON")
+              summary="Draw the subject as the prompt says: PNG with `Accept: image/png` (one image), server-sent "
+                      "events with `Accept: text/event-stream` (`progress` per step, then `result` or `error`), "
+                      "else JSON")
     async def generate(self, request: Request):
         req = await self._parse(request, GenerateRequest)
         if isinstance(req, JSONResponse):
             return req
-        want_png = "image/png" in request.headers.get("accept", "")
+        accept = request.headers.get("accept", "")
+        if "text/event-stream" in accept:
+            return StreamingResponse(self._events(req, request.state.tenant), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        want_png = "image/png" in accept
         if want_png and req.num_images != 1:
             return error(406, "image/png holds one image: ask for num_images 1, or JSON")
         t0 = time.perf_counter()
@@ -250,12 +318,34 @@ class Ingress:
             return busy(e.detail) if e.status == 503 else error(e.status, e.detail)
         if want_png:
             return Response(result["images"][0], media_type="image/png", headers={"X-Seed": str(job["seed"])})
-        return {"images": [base64.b64encode(png).decode() for png in result["images"]], "seed": job["seed"],
-                "subject_id": req.subject_id,
-                "timings": {"sampling_s": round(result["seconds"], 4),
-                            "total_s": round(time.perf_counter() - t0, 4), "batch_rows": result["batch_rows"]}}
+        return drawn(req, job, result, t0)
 
-    async def _draw(self, req: GenerateRequest, tenant: str) -> tuple[dict, dict]:
+    async def _events(self, req: GenerateRequest, tenant: str):
+        """Server-sent events of one request: ``progress`` {step, steps} while sampling, then
+        ``result`` (the JSON answer) or ``error`` {status, detail}. A client that leaves cancels it."""
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def draw():
+            t0 = time.perf_counter()
+            try:
+                job, result = await self._draw(req, tenant, on_progress=lambda e: events.put(("progress", e)))
+                await events.put(("result", drawn(req, job, result, t0)))
+            except Failure as e:
+                await events.put(("error", {"status": e.status, "detail": e.detail}))
+            except Exception as e:  # never leave the stream hanging
+                await events.put(("error", {"status": 500, "detail": type(e).__name__}))
+
+        task = asyncio.ensure_future(draw())
+        try:
+            while True:
+                kind, data = await events.get()
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                if kind != "progress":
+                    return
+        finally:
+            task.cancel()
+
+    async def _draw(self, req: GenerateRequest, tenant: str, on_progress=None) -> tuple[dict, dict]:
         """(the job, the model's answer) of a checked request; Failure(status, detail) otherwise."""
         job = {"prompt": req.prompt, "num_images": req.num_images, "steps": req.steps,
                "guidance_text": float(req.guidance_text), "guidance_subject": float(req.guidance_subject),
@@ -267,7 +357,7 @@ class Ingress:
             raise Failure(404, "unknown subject_id") from None
         except SubjectError as e:
             raise Failure(422, str(e)) from None
-        result = await self._call_model(job)
+        result = await self._call_model(job, on_progress)
         if result["status"] != 200:
             raise Failure(result["status"], result["detail"])
         return job, result

@@ -128,6 +128,16 @@ class SubjectStore:
             raise SubjectError(f"subject {subject_id[:12]}... cannot be read ({type(e).__name__})") from None
         return images, meta["captions"]
 
+    def photo(self, tenant: str, subject_id: str, index: int) -> bytes | None:
+        """One stored photo's PNG, or None when the subject or that photo is not stored."""
+        meta = self.meta(tenant, subject_id)
+        if meta is None or not 0 <= index < meta["num_images"]:
+            return None
+        try:
+            return storage.read_bytes(storage.join(self._folder(tenant, subject_id), f"{index}.png"))
+        except (FileNotFoundError, OSError):
+            return None
+
     def list(self, tenant: str, limit: int = 50, after: str = "") -> tuple[list[dict], str | None]:
         """One page of the tenant's subjects, in id order, after ``after``; and the cursor of the next."""
         ids = [n for n in storage.listdir(self._tenant_root(tenant)) if ID.match(n) and n > after]

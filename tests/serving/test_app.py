@@ -9,77 +9,12 @@ import pytest
 import requests
 from PIL import Image
 
+from ray_suti.utils.images import encode_png
+
 from ..conftest import REPO, free_port
+from .conftest import AS_A, AS_B, CHECKPOINT, KEY_A, generate, photos, register
 
-CHECKPOINT = str(REPO / "checkpoints" / "tiny-32.safetensors")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def small_store(tmp_path_factory):
-    return tmp_path_factory.mktemp("small")
-
-
-@pytest.fixture(scope="module")
-def main_store(tmp_path_factory):
-    return tmp_path_factory.mktemp("subjects")
-
-
-KEY_A, KEY_B = "acme-0123456789abcdef", "globex-0123456789abcdef"
-AS_A, AS_B = ({"Authorization": f"Bearer {k}"} for k in (KEY_A, KEY_B))
-
-
-def subject_cache_bytes(n_photos: int) -> int:
-    """What one subject of ``n_photos`` DreamBench-sized photos takes in a replica's feature cache."""
-    from ray_suti.model.pipeline import load_pipeline
-    from ray_suti.serving.generator import FeatureCache
-
-    pipe = load_pipeline(CHECKPOINT)
-    return FeatureCache.size(pipe.encode_subject([Image.new("RGB", (64, 64))] * n_photos))
-
-
-@pytest.fixture(scope="module")
-def url(ray_local, tmp_path_factory, small_store, main_store):
-    from ray import serve
-
-    from ray_suti.serving.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    store = str(main_store)
-    keys = tmp_path_factory.mktemp("secrets") / "api-keys.json"
-    keys.write_text(json.dumps({KEY_A: "acme", KEY_B: "globex"}))
-    # Half a CPU per model replica: four apps share the 2-CPU test cluster.
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, max_body_bytes=2_000_000,
-                        allow_anonymous=True), name="suti", route_prefix="/")
-    # Two tenants, two subjects each at most, a model that takes one request at a time and queues one.
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, api_keys_file=str(keys), max_subjects=2,
-                        max_batch_size=1, max_queued_requests=1), name="locked", route_prefix="/locked")
-    # Checkpoint and subject store as URIs (file:// goes through the same calls as s3://); a feature
-    # cache that holds one two-photo subject.
-    serve.run(build_app((REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), small_store.as_uri(), max_replicas=1,
-                        num_cpus=0.5, cache_bytes=subject_cache_bytes(2), scheduler="dpm++", allow_anonymous=True),
-              name="small", route_prefix="/small")
-    # A latent model (tiny VAE) in bfloat16, as a GPU replica would run: demos VAE-encoded, the same API.
-    serve.run(build_app("tiny-latent", store, max_replicas=1, num_cpus=0.25, allow_anonymous=True, dtype="bf16"),
-              name="latent", route_prefix="/latent")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-
-
-def photos(dreambench_dir, name, n=3):
-    return [p.read_bytes() for p in sorted((dreambench_dir / name).glob("*.jpg"))[:n]]
-
-
-def register(url, images, captions=None, headers=None):
-    files = [("images", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
-    data = [("captions", c) for c in captions or []]
-    return requests.post(f"{url}/v1/subjects", files=files, data=data, headers=headers, timeout=60)
-
-
-def generate(url, seed=0, accept="application/json", headers=None, **body):
-    body = {"prompt": "a photo on the beach", "steps": 4, "seed": seed, **body}
-    return requests.post(f"{url}/v1/generate", json=body, headers={"Accept": accept, **(headers or {})}, timeout=120)
 
 
 def test_a_latent_model_serves_the_same_api(url, dreambench_dir):
@@ -219,13 +154,15 @@ def test_health_model_and_docs(url):
 def test_every_route_but_healthz_wants_a_key(url):
     locked = f"{url}/locked"
     schema = requests.get(f"{locked}/openapi.json", headers=AS_A, timeout=30).json()
-    routes = [(method.upper(), path.replace("{subject_id}", "0" * 64)) for path, ops in schema["paths"].items()
-              for method in ops] + [("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/nowhere")]
-    assert len(routes) >= 10
+    routes = [(method.upper(), path.replace("{subject_id}", "0" * 64).replace("{index}", "0"))
+              for path, ops in schema["paths"].items() for method in ops]
+    routes += [("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/nowhere"),
+               ("GET", "/"), ("GET", "/web/app.js"), ("GET", "/web/style.css"), ("GET", "/web/index.html")]
+    assert len(routes) >= 15
     for method, path in routes:
         for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": f"Basic {KEY_A}"}):
             r = requests.request(method, f"{locked}{path}", headers=headers, timeout=30)
-            want = 200 if path == "/healthz" else 401
+            want = 200 if path in ("/healthz", "/", "/web/app.js", "/web/style.css", "/web/index.html") else 401
             assert r.status_code == want, (method, path, headers, r.status_code)
             if want == 401:
                 assert r.headers["WWW-Authenticate"] == "Bearer" and "detail" in r.json()
@@ -327,6 +264,70 @@ def test_a_torn_subject_fails_alone_in_its_batch(url, dreambench_dir, main_store
     assert answers[0].status_code == 422 and "register the photos again" in answers[0].json()["detail"]
     assert all(r.status_code == 200 for r in answers[1:]), [r.text for r in answers]
     assert max(r.json()["timings"]["batch_rows"] for r in answers[1:]) > 1  # they did share batches
+
+
+def server_sent_events(response) -> list[tuple[str, dict]]:
+    events, kind = [], None
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            kind = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_progress_streams_as_server_sent_events(url, dreambench_dir):
+    subject = register(url, photos(dreambench_dir, "dog2", 2)).json()["subject_id"]
+    body = {"prompt": "a photo on the beach", "subject_id": subject, "steps": 6, "seed": 3}
+    with requests.post(f"{url}/v1/generate", json=body, headers={"Accept": "text/event-stream"}, stream=True,
+                       timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = server_sent_events(r)
+    assert [e for kind, e in events[:-1]] == [{"step": i, "steps": 6} for i in range(1, 7)]
+    kind, result = events[-1]
+    assert kind == "result" and result["seed"] == 3
+    same = generate(url, subject_id=subject, steps=6, seed=3, accept="image/png").content
+    assert base64.b64decode(result["images"][0]) == same  # streaming changes nothing in the image
+    with requests.post(f"{url}/v1/generate", json={**body, "subject_id": "0" * 64},
+                       headers={"Accept": "text/event-stream"}, stream=True, timeout=120) as r:
+        assert server_sent_events(r) == [("error", {"status": 404, "detail": "unknown subject_id"})]
+
+
+def test_a_request_that_kills_replicas_takes_at_most_two(url, main_store, tmp_path):
+    """The ingress retries a lost replica once: a request that crashes every replica it reaches
+    (a segfault, an out-of-memory kill) answers 503 after two, not after all of them."""
+    import os
+
+    from ray import serve
+
+    from ray_suti.serving.ingress import Ingress
+
+    @serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0})
+    class Crashing:
+        def __init__(self, log: str):
+            self.log = log
+
+        async def generate(self, job: dict):
+            with open(self.log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            os._exit(1)
+            yield  # a streaming method, like Generator.generate
+
+        async def info(self):
+            return {}
+
+    killed = tmp_path / "killed.txt"
+    store = dict(root=str(main_store), max_images=5, max_side=1024, max_subjects=10, max_bytes=10**9, ttl_s=None)
+    serve.run(Ingress.options(ray_actor_options={"num_cpus": 0}).bind(Crashing.bind(str(killed)), store,
+                                                                      {"allow_anonymous": True}),
+              name="crashing", route_prefix="/crashing")
+    try:
+        photo = base64.b64encode(encode_png(np.full((48, 48, 3), 128, np.uint8))).decode()
+        r = generate(f"{url}/crashing", images=[photo])
+        assert r.status_code == 503 and r.headers["Retry-After"], r.text
+        assert 1 <= len(killed.read_text().split()) <= 2
+    finally:
+        serve.delete("crashing")
 
 
 def test_the_python_client_does_the_whole_round(url, dreambench_dir):

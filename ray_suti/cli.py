@@ -147,10 +147,18 @@ def _train(args: argparse.Namespace, mode: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import demo_config, report, run_demo
+    from .demo import demo_config, keep_serving, report, run_demo
+    from .utils.console import Console
 
     cfg = demo_config(args.preset, args.out)
-    print(report(cfg, run_demo(cfg)))
+    log = None if args.verbose else os.path.join(cfg.out, "logs", "demo.log")
+    with Console(log) as console:
+        console.say(f"ray-suti demo, preset {args.preset}: every stage on one local Ray, artefacts in {cfg.out}/"
+                    + (f" (Ray's and the libraries' logs: {log})" if log else ""))
+        summary = run_demo(cfg, console)
+        console.say("\n" + report(cfg, summary))
+        if args.keep_serving:
+            keep_serving(summary["model"], os.path.join(cfg.out, "serve", "subjects"), args.port, console)
     return 0
 
 
@@ -335,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run every stage on the embedded default and print the results")
     p.add_argument("--preset", default="default", help="default (< 20 min on 2 cores) or smoke (< 5 min)")
     p.add_argument("--out", default=None, help="artefact folder (default: runs/demo, runs/demo-smoke)")
+    p.add_argument("--keep-serving", action="store_true", help="then serve the trained model and its web page "
+                                                               "on 127.0.0.1 until Ctrl-C")
+    p.add_argument("--port", type=int, default=8000, help="with --keep-serving")
+    p.add_argument("--verbose", action="store_true", help="Ray's and the libraries' logs on the terminal too, "
+                                                          "not in <out>/logs/demo.log")
     p.set_defaults(func=_demo)
     return parser
 

@@ -21,6 +21,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
+from .utils.console import Console
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED_MODEL = os.path.join(REPO, "checkpoints", "tiny-32.safetensors")
 COMMITTED_CLIP = os.path.join(REPO, "checkpoints", "tiny-clip.safetensors")
@@ -62,36 +64,52 @@ PRESETS = {
 
 
 class Stages:
-    """Runs named stages once: a stage whose ``done`` file exists is reported and skipped."""
+    """Runs named stages once, one console line each: a stage whose ``done`` file exists is reused.
+    Each stage's seconds and key figure are kept in ``demo.json``, so a reused stage shows its figure."""
 
-    def __init__(self, cfg: DemoConfig):
-        self.cfg, self.record_path = cfg, os.path.join(cfg.out, "demo.json")
+    def __init__(self, cfg: DemoConfig, names: list[str], console: Console):
+        self.cfg, self.names, self.console = cfg, names, console
+        self.record_path = os.path.join(cfg.out, "demo.json")
         settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
-        self.record = {"settings": settings, "seconds": {}}
+        self.record = {"settings": settings, "seconds": {}, "figures": {}}
         if os.path.exists(self.record_path):
             with open(self.record_path) as f:
                 old = json.load(f)
             if old["settings"] != settings:
                 raise ValueError(f"{cfg.out} holds a demo run with other settings; pass another --out or delete it")
-            self.record = old
+            self.record = {"figures": {}, **old}
         os.makedirs(cfg.out, exist_ok=True)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.cfg.out, *parts)
 
-    def run(self, name: str, done: str, fn) -> None:
-        if os.path.exists(done):
-            print(f"[demo] {name}: reusing {done}", flush=True)
-            return
-        print(f"[demo] {name} ...", flush=True)
-        start = time.time()
-        fn()
-        if not os.path.exists(done):
-            raise RuntimeError(f"stage {name} finished without writing {done}")
-        self.record["seconds"][name] = round(time.time() - start, 1)
-        with open(self.record_path, "w") as f:
-            json.dump(self.record, f, indent=2)
-        print(f"[demo] {name}: done in {self.record['seconds'][name]:.0f} s", flush=True)
+    def run(self, name: str, done: str, fn, figure) -> None:
+        """``fn()`` unless ``done`` exists; ``figure(result)`` is the stage's key figure."""
+        label = f"[{self.names.index(name) + 1}/{len(self.names)}] {name}"
+        with self.console.stage(label) as line:
+            if os.path.exists(done):
+                line.finish(f"{self.record['figures'].get(name, done)} (reused)", 0)
+                return
+            start = time.time()
+            result = fn()
+            if not os.path.exists(done):
+                raise RuntimeError(f"stage {name} finished without writing {done}")
+            self.record["seconds"][name] = round(time.time() - start, 1)
+            self.record["figures"][name] = figure(result)
+            with open(self.record_path, "w") as f:
+                json.dump(self.record, f, indent=2)
+            line.finish(self.record["figures"][name], self.record["seconds"][name])
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def trained(summary: dict, start: int = 0) -> str:
+    """Steps run (a run from a checkpoint counts on from its step) and the last reported loss."""
+    metrics = summary["metrics"]
+    return f"{metrics['step'] - start} steps, loss {metrics['loss']:.4f}"
 
 
 def _train_config(cfg: DemoConfig, stages: Stages, **kw):
@@ -115,7 +133,7 @@ def serve_once(checkpoint: str, out_dir: str, steps: int, subject_seed: int) -> 
 
     from .client import SuTIClient
     from .serving.app import build_app
-    from .utils.images import encode_png
+    from .utils.images import contact_sheet, encode_png
     from .world import Subject, render
     from .world.oracle import draw_case
 
@@ -146,10 +164,33 @@ def serve_once(checkpoint: str, out_dir: str, steps: int, subject_seed: int) -> 
             "png_bytes": os.path.getsize(os.path.join(out_dir, "generated.png"))}
     with open(os.path.join(out_dir, "request.json"), "w") as f:
         json.dump(info, f, indent=2)
+    sheet = contact_sheet([[*photos, np.asarray(image)]], labels=[prompt], label_width=170, cell=128,
+                          header=[*(f"photo {i + 1}" for i in range(len(photos))), "SuTI drew"])
+    sheet.save(os.path.join(out_dir, "contact.png"))  # last: the stage's done file
     return info
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def keep_serving(checkpoint: str, store: str, port: int, console: Console) -> None:
+    """The Serve app on 127.0.0.1:``port`` with the demo's subject store, until Ctrl-C."""
+    from ray import serve
+
+    from .serving.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(checkpoint, store, max_replicas=1, allow_anonymous=True), name="demo", route_prefix="/")
+        console.say(f"Serving the trained model: open http://127.0.0.1:{port}/ (the demo's subject is listed there). "
+                    "Ctrl-C stops it.")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.say("stopped")
+    finally:
+        serve.shutdown()
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
+    """Every stage, one line each on ``console`` (default: plain lines on stdout, nothing redirected)."""
     from .apprentice.job import ApprenticeConfig, run_apprentice
     from .model import SuTIPipeline
     from .data.builder import BuildConfig, build_dataset
@@ -163,55 +204,75 @@ def run_demo(cfg: DemoConfig) -> dict:
     for path in (cfg.base_checkpoint, cfg.clip):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found (committed in checkpoints/; a clone without it is incomplete)")
-    stages = Stages(cfg)
+    use_dreambench = cfg.dreambench_prompts > 0 and os.path.isdir(cfg.dreambench)
+    names = ["world", "build_dataset", "pretrain", "apprentice", "train", "evaluate synthetic",
+             *(["evaluate dreambench"] if use_dreambench else []), "serve"]
+    stages = Stages(cfg, names, console or Console(None))
     p = stages.path
     init_ray()
     stages.run("world", p("world", "world.json"), lambda: generate_world(
-        WorldConfig(out=p("world"), pages=cfg.pages, seed=cfg.seed, image_size=32, preview_pages=6)))
+        WorldConfig(out=p("world"), pages=cfg.pages, seed=cfg.seed, image_size=32, preview_pages=6)),
+        lambda stats: f"{stats['pages']} web pages, {stats['records']} image-text pairs "
+                      f"({sum(stats['broken'].values())} broken on purpose)")
     stages.run("build_dataset", p("clusters", "stats.json"), lambda: build_dataset(
-        BuildConfig(input=p("world", "web"), output=p("clusters"), clip_pretrained=cfg.clip)))
+        BuildConfig(input=p("world", "web"), output=p("clusters"), clip_pretrained=cfg.clip)),
+        lambda _: "{clusters_kept} clusters, {images_kept} of {records_in} images kept".format(
+            **read_json(p("clusters", "stats.json"))))
     base = p("models", "base.safetensors")
     stages.run("pretrain", base, lambda: run_training(_train_config(
         cfg, stages, mode="pretrain", data=p("world", "web"), init_from=cfg.base_checkpoint, name="pretrain",
-        steps=cfg.pretrain_steps, export_file=os.path.abspath(base)), command="ray-suti demo: pretrain"))
+        steps=cfg.pretrain_steps, export_file=os.path.abspath(base)), command="ray-suti demo: pretrain"), trained)
     stages.run("apprentice", p("apprentice", "stats.json"), lambda: run_apprentice(ApprenticeConfig(
         clusters=p("clusters", "clusters"), output=p("apprentice"), checkpoint=base, clip_pretrained=cfg.clip,
         max_clusters=cfg.apprentice_clusters, dreambooth_steps=cfg.dreambooth_steps,
-        clip_i_threshold=cfg.clip_i_threshold, seed=cfg.seed)))
-    with open(p("apprentice", "stats.json")) as f:
-        if json.load(f)["kept"] == 0:
-            raise RuntimeError(f"the apprenticeship kept no example from {cfg.apprentice_clusters} clusters at CLIP-I "
-                               f">= {cfg.clip_i_threshold}: nothing to train on (more clusters or a lower threshold)")
+        clip_i_threshold=cfg.clip_i_threshold, seed=cfg.seed)),
+        lambda stats: f"{stats['kept']} of {stats['candidates']} expert drawings kept "
+                      f"(CLIP-I >= {cfg.clip_i_threshold:g}, {stats['clusters_done']} clusters)")
+    if read_json(p("apprentice", "stats.json"))["kept"] == 0:
+        raise RuntimeError(f"the apprenticeship kept no example from {cfg.apprentice_clusters} clusters at CLIP-I "
+                           f">= {cfg.clip_i_threshold}: nothing to train on (more clusters or a lower threshold)")
     model = p("models", "suti.safetensors")
     start = SuTIPipeline.single_file_metadata(cfg.base_checkpoint).get("step", 0)  # steps count on from it
     stages.run("train", model, lambda: run_training(_train_config(
         cfg, stages, mode="suti", data=p("apprentice", "examples"), init_from=cfg.base_checkpoint, name="suti",
-        steps=int(start) + cfg.train_steps, export_file=os.path.abspath(model)), command="ray-suti demo: train"))
+        steps=int(start) + cfg.train_steps, export_file=os.path.abspath(model)), command="ray-suti demo: train"),
+        lambda summary: trained(summary, int(start)))
     stages.run("evaluate synthetic", p("eval", "results.md"), lambda: evaluate_synthetic(SyntheticEvalConfig(
         checkpoint=model, out=p("eval"), num_subjects=cfg.eval_subjects, steps=cfg.eval_steps, seed=cfg.seed,
-        chunk_size=max(1, cfg.eval_subjects // 2))))
-    use_dreambench = cfg.dreambench_prompts > 0 and os.path.isdir(cfg.dreambench)
+        chunk_size=max(1, cfg.eval_subjects // 2))), synthetic_figure)
     if use_dreambench:
         stages.run("evaluate dreambench", p("eval-dreambench", "results.md"), lambda: evaluate_dreambench(
             DreamBenchConfig(checkpoint=model, data=cfg.dreambench, out=p("eval-dreambench"),
                              num_prompts=cfg.dreambench_prompts, images_per_prompt=cfg.dreambench_images,
                              steps=cfg.eval_steps, clip_pretrained=cfg.clip,
-                             dreambooth_steps=cfg.dreambooth_steps, seed=cfg.seed)))
-    stages.run("serve", p("serve", "generated.png"), lambda: serve_once(
-        model, p("serve"), cfg.serve_steps, heldout_seeds(cfg.eval_subjects + 1)[-1]))
-    return {"out": cfg.out, "dreambench": use_dreambench, "seconds": stages.record["seconds"]}
+                             dreambooth_steps=cfg.dreambooth_steps, seed=cfg.seed)), dreambench_figure)
+    stages.run("serve", p("serve", "contact.png"), lambda: serve_once(
+        model, p("serve"), cfg.serve_steps, heldout_seeds(cfg.eval_subjects + 1)[-1]),
+        lambda info: f"one HTTP request drawn in {info['request_seconds']} s: {p('serve', 'contact.png')}")
+    return {"out": cfg.out, "dreambench": use_dreambench, "seconds": stages.record["seconds"], "model": model}
+
+
+def synthetic_figure(results: dict) -> str:
+    suti, text_only = (results["methods"][m]["subject_psnr"] for m in ("suti", "text_only"))
+    return (f"subject PSNR {suti:.2f} dB vs {text_only:.2f} text-only "
+            f"({results['suti_minus_text_only_db']['subject']:+.2f} dB), {results['methods']['suti']['n']} subjects")
+
+
+def dreambench_figure(results: dict) -> str:
+    m = results["methods"]
+    return f"CLIP-I {m['suti']['clip_i']:.3f} vs {m['text_only']['clip_i']:.3f} text-only, {len(results['subjects'])} subjects"
 
 
 def report(cfg: DemoConfig, summary: dict) -> str:
     """The results tables and where every artefact is."""
     p = lambda *parts: os.path.join(cfg.out, *parts)  # noqa: E731
-    parts = [open(p("eval", "results.md")).read()]
+    parts = [open(p("eval", "results.md")).read().split("## Per skill")[0].strip()]
     if summary["dreambench"]:
-        parts.append(open(p("eval-dreambench", "results.md")).read().split("## Per subject")[0])
+        parts.append(open(p("eval-dreambench", "results.md")).read().split("## Per subject")[0].strip())
     with open(p("serve", "request.json")) as f:
         served = json.load(f)
-    parts.append(f"Served one request: \"{served['prompt']}\" -> {p('serve', 'generated.png')} "
-                 f"({served['request_seconds']} s; demos beside it).")
+    parts.append(f"Served one request over HTTP: \"{served['prompt']}\" in {served['request_seconds']} s; "
+                 f"its subject's photos and what SuTI drew: {p('serve', 'contact.png')}")
     parts.append("\n".join([f"Artefacts under {cfg.out}/:",
                             "  world/web, world/preview.png      synthetic crawl (web-pairs Parquet)",
                             "  clusters/clusters, clusters.png   ICL clusters after the CLIP filter, stats.json",
@@ -219,7 +280,9 @@ def report(cfg: DemoConfig, summary: dict) -> str:
                             "  apprentice/examples               ICL-V2 examples written by DreamBooth experts",
                             "  models/suti.safetensors           committed SuTI fine-tuned on them (Ray Train + DeepSpeed)",
                             "  eval/, eval-dreambench/           results.json, results.md, contact sheets, plot",
-                            "  serve/generated.png               the HTTP answer; demo.json: settings, seconds"]))
+                            "  serve/contact.png                 the served subject and the HTTP answer",
+                            "  logs/demo.log                     everything Ray and the libraries printed",
+                            "  demo.json                         settings, seconds and key figure per stage"]))
     return "\n\n".join(parts)
 
 

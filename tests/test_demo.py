@@ -1,33 +1,45 @@
 """`ray-suti demo --preset smoke`: every stage end to end, as a user runs it, then a rerun that reuses them."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import requests
 from PIL import Image
 
 from ray_suti.demo import PRESETS, Stages, demo_config
+from ray_suti.utils.console import Console
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 
 STAGES = ["world", "build_dataset", "pretrain", "apprentice", "train", "evaluate synthetic", "serve"]
 
 
-def run_demo(out, *extra):
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, as on a newcomer's machine
-    return subprocess.run([sys.executable, "-m", "ray_suti.cli", "demo", "--preset", "smoke", "--out", str(out),
-                           *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+def demo_command(out, *extra):
+    return [sys.executable, "-m", "ray_suti.cli", "demo", "--preset", "smoke", "--out", str(out), *extra]
+
+
+ENV = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, as on a newcomer's machine
 
 
 @pytest.mark.slow
-def test_smoke_demo_runs_every_stage_and_a_rerun_reuses_them(tmp_path):
+def test_smoke_demo_runs_every_stage_and_a_rerun_reuses_them_and_keeps_serving(tmp_path):
     out = tmp_path / "demo"
-    first = run_demo(out)
+    first = subprocess.run(demo_command(out), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     record = json.loads((out / "demo.json").read_text())
     assert list(record["seconds"]) == STAGES  # in pipeline order, each really ran
+    # One line per stage with its key figure; Ray's and the libraries' output in the log file only.
+    for i, stage in enumerate(STAGES):
+        assert f"[{i + 1}/{len(STAGES)}] {stage}" in first.stdout and record["figures"][stage] in first.stdout
+    assert "dB vs" in record["figures"]["evaluate synthetic"] and "web pages" in record["figures"]["world"]
     assert "| suti |" in first.stdout and "Served one request" in first.stdout
+    assert len(first.stdout.splitlines()) < 60 and first.stderr == "", first.stderr[-2000:]
+    log = (out / "logs" / "demo.log").read_text()
+    assert "Started a local Ray instance" in log and "Started a local Ray instance" not in first.stdout
+    assert "(pid=" not in first.stdout and "(pid=" in log  # the workers' output, forwarded by Ray
     assert (out / "world" / "preview.png").exists() and (out / "clusters" / "stats.json").exists()
     assert any((out / "apprentice" / "examples").glob("*.parquet"))
     for model in ("base", "suti"):
@@ -35,19 +47,35 @@ def test_smoke_demo_runs_every_stage_and_a_rerun_reuses_them(tmp_path):
     results = json.loads((out / "eval" / "results.json").read_text())
     assert results["config"]["checkpoint"].endswith("suti.safetensors") and results["methods"]["suti"]["n"] == 4
     assert Image.open(out / "serve" / "generated.png").size == (32, 32)
+    assert Image.open(out / "serve" / "contact.png").width > 4 * 128  # three photos and the drawing
     assert json.loads((out / "serve" / "request.json").read_text())["png_bytes"] > 0
 
-    again = run_demo(out)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert all(f"[demo] {stage}: reusing" in again.stdout for stage in STAGES)
+    port = free_port()
+    again = subprocess.Popen(demo_command(out, "--keep-serving", "--port", str(port)), cwd=REPO, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in again.stdout:  # every stage reused, then the page's URL
+            lines.append(line)
+            if "open http://" in line:
+                break
+        assert all(f"{stage}" in "".join(lines) for stage in STAGES) and "".join(lines).count("(reused)") == len(STAGES)
+        url = f"http://127.0.0.1:{port}"
+        assert f"open {url}/" in lines[-1], "".join(lines)
+        assert requests.get(f"{url}/", timeout=30).status_code == 200
+        assert len(requests.get(f"{url}/v1/subjects", timeout=30).json()["subjects"]) == 1  # the demo's subject
+    finally:
+        again.send_signal(signal.SIGINT)
+        rest, errors = again.communicate(timeout=120)
+    assert again.returncode == 0, rest[-2000:] + errors[-2000:]
     assert json.loads((out / "demo.json").read_text())["seconds"] == record["seconds"]
 
 
 def test_a_folder_of_another_run_is_refused(tmp_path):
-    Stages(demo_config("smoke", str(tmp_path)))
+    Stages(demo_config("smoke", str(tmp_path)), STAGES, Console(None))
     (tmp_path / "demo.json").write_text(json.dumps({"settings": {"pages": 1}, "seconds": {}}))
     with pytest.raises(ValueError, match="other settings"):
-        Stages(demo_config("smoke", str(tmp_path)))
+        Stages(demo_config("smoke", str(tmp_path)), STAGES, Console(None))
     with pytest.raises(ValueError, match="unknown demo preset"):
         demo_config("huge")
     assert PRESETS["smoke"].pages < PRESETS["default"].pages

@@ -229,7 +229,7 @@ def check_inputs(cfg: ApprenticeConfig) -> None:
 
 def run_apprentice(cfg: ApprenticeConfig, progress: bool = True) -> dict:
     import ray
-    from tqdm import tqdm
+    from ..utils.progress import bar as progress_bar
 
     from ..utils.ray_utils import init_ray
 
@@ -241,7 +241,7 @@ def run_apprentice(cfg: ApprenticeConfig, progress: bool = True) -> dict:
     actor = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus, max_restarts=-1, max_task_retries=3)(ExpertWorker)
     workers = [actor.remote(cfg) for _ in range(cfg.concurrency)]
     pending, idle, skipped_done = {}, list(workers), 0
-    bar = tqdm(desc="apprentice clusters", unit="cluster", disable=not progress)
+    bar = progress_bar(total=cfg.max_clusters or None, desc="apprentice clusters", unit="cluster", disable=not progress)
 
     failed = []
 

@@ -127,7 +127,7 @@ def write_reference(cfg: EncodeConfig) -> dict:
 def run_encode(cfg: EncodeConfig, progress: bool = True) -> dict:
     import ray.data
     from ray.data import ActorPoolStrategy
-    from tqdm import tqdm
+    from ..utils.progress import bar as progress_bar
 
     from ..utils.ray_utils import init_ray
 
@@ -153,7 +153,7 @@ def run_encode(cfg: EncodeConfig, progress: bool = True) -> dict:
         ds = ds.map_batches(LatentEncoder, fn_constructor_args=(cfg,), batch_size=cfg.batch_size, batch_format="numpy",
                             compute=ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.num_gpus or None)
         pending: dict[str, list] = {}
-        bar = tqdm(total=sum(rows_of.values()), desc="encode examples", unit="row", disable=not progress)
+        bar = progress_bar(total=sum(rows_of.values()), desc="encode examples", unit="row", disable=not progress)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for path in set(batch.column("path").to_pylist()):
                 key = name(path)

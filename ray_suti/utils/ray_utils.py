@@ -27,14 +27,15 @@ def run_sharded(fn, args_per_shard: list[tuple], max_in_flight: int, desc: str, 
     """Runs ``fn(*args)`` as Ray tasks (1 CPU and ``num_gpus`` each), at most ``max_in_flight`` at once
     so memory stays bounded, with a progress bar; returns the results in shard order."""
     import ray
-    from tqdm import tqdm
+
+    from .progress import bar as progress_bar
 
     init_ray()
     task = ray.remote(num_cpus=1, num_gpus=num_gpus)(fn)
     results: dict = {}
     pending: dict = {}
     queue = list(enumerate(args_per_shard))
-    with tqdm(total=total or len(queue), desc=desc, disable=not progress) as bar:
+    with progress_bar(total=total or len(queue), desc=desc, unit=unit_key or "shard", disable=not progress) as bar:
         while queue or pending:
             while queue and len(pending) < max_in_flight:
                 i, args = queue.pop(0)

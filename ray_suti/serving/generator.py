@@ -7,9 +7,9 @@ whose controls the checkpoint lacks fails alone; the rest of its batch is drawn.
 thread, off the replica's event loop. A batch is cut into denoising loops of at most
 ``max_batch_rows`` UNet rows (images x guidance branches), so memory per loop is bounded.
 
-``generate`` streams: a job that asks for ``progress`` receives ``{"step", "steps"}`` events while
-its loop runs (the web page's progress bar), then, like every job, one result ``{"status", ...}``.
-A batch where no job asked sends only the results.
+``generate_stream`` streams: a job that asks for ``progress`` receives ``{"step", "steps"}`` events
+while its loop runs (the web page's progress bar), then, like every job, one result
+``{"status", ...}``; ``generate`` answers the result alone (no stream to pay for).
 """
 from __future__ import annotations
 
@@ -112,9 +112,16 @@ class Generator:
                 "controls": list(self.pipe.controls), "scheduler": type(self.pipe.scheduler).__name__,
                 "cache_entries": len(self.cache.entries), "cache_bytes": self.cache.bytes, **self.stats}
 
-    async def generate(self, job: dict):
+    async def generate(self, job: dict) -> dict:
+        """The job's result."""
+        async for item in self.draw_batch(job):  # one item: the job asks for no progress
+            result = item
+        return result
+
+    async def generate_stream(self, job: dict):
         """Progress events (when the job asks), then its result. An async generator method itself,
-        so Serve streams it on its event loop (a batch wrapper alone looks synchronous to it)."""
+        so Serve streams it on its event loop (a batch wrapper alone looks synchronous to it).
+        Both methods feed the same batches."""
         async for item in self.draw_batch(job):
             yield item
 

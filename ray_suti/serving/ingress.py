@@ -144,7 +144,7 @@ async def read_form(request: Request, body: bytes):
 
 
 async def answer(stream, on_progress) -> dict:
-    """The last item of a Generator.generate stream (the result), passing progress events on."""
+    """The last item of a Generator.generate_stream (the result), passing progress events on."""
     async for item in stream:
         if item is None:
             continue
@@ -209,11 +209,16 @@ class Ingress:
 
         job = {**job, "progress": on_progress is not None}
         for attempt in range(2):
-            stream = self.generator.options(stream=True).generate.remote(job)
+            if on_progress is None:
+                response = self.generator.generate.remote(job)
+                waiting = response
+            else:
+                response = self.generator.options(stream=True).generate_stream.remote(job)
+                waiting = answer(response, on_progress)
             try:
-                return await asyncio.wait_for(answer(stream, on_progress), self.timeout)
+                return await asyncio.wait_for(waiting, self.timeout)
             except asyncio.TimeoutError:
-                stream.cancel()
+                response.cancel()
                 return {"status": 504, "detail": f"generation took longer than {self.timeout:g} s"}
             except (BackPressureError, DeploymentUnavailableError):
                 return {"status": 503, "detail": "the model is busy: try again shortly"}

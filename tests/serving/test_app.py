@@ -311,7 +311,6 @@ def test_a_request_that_kills_replicas_takes_at_most_two(url, main_store, tmp_pa
             with open(self.log, "a") as f:
                 f.write(f"{os.getpid()}\n")
             os._exit(1)
-            yield  # a streaming method, like Generator.generate
 
         async def info(self):
             return {}

@@ -30,6 +30,14 @@ def _run_stage(run, cfg, where: str, hide: tuple = ()) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from .knowledge import IndexConfig, run_index
+
+    cfg = from_args(IndexConfig, args)
+    return _run_stage(run_index, cfg, f"knowledge base: {cfg.output}  (use: ray-suti generate --kb {cfg.output})",
+                      hide=("files",))
+
+
 def _build_dataset(args: argparse.Namespace) -> int:
     from .data.builder import BuildConfig, build_dataset
 
@@ -203,22 +211,32 @@ def _generate(args: argparse.Namespace) -> int:
 
     dtype = TORCH_DTYPES[args.dtype]
     pipe = load_pipeline(args.checkpoint).set_scheduler(args.scheduler).to(args.device, dtype)
-    photos = _subject_photos(args.subject, pipe.max_demos)
+    if (args.subject is None) == (args.kb is None):
+        raise SystemExit("error: give --subject photos or a --kb knowledge base")
+    photos = _subject_photos(args.subject, pipe.max_demos) if args.subject else None
     try:
+        kb = None
+        if args.kb:
+            from .knowledge import KnowledgeBase
+
+            kb = KnowledgeBase(args.kb, device=args.device)
         out = pipe(args.prompt, photos, subject_captions=args.caption, num_inference_steps=args.steps,
+                   knowledge_base=kb, num_neighbours=args.neighbours,
                    guidance_scale_text=args.guidance_text, guidance_scale_subject=args.guidance_subject,
                    guidance_mode=args.guidance_mode, negative_prompt=args.negative_prompt,
                    num_images_per_prompt=args.num_images,
                    generator=torch.Generator(args.device).manual_seed(args.seed), box=args.box, edges=args.edges,
                    keypoints=None if args.keypoints is None else [args.keypoints[:2], args.keypoints[2:]])
-    except SuTIInputError as e:
+    except (SuTIInputError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     stem, ext = os.path.splitext(args.out)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     paths = [args.out if i == 0 else f"{stem}-{i}{ext}" for i in range(len(out.images))]
     for image, path in zip(out.images, paths):
         image.save(path)
-    print(json.dumps({"images": paths, "seed": args.seed, "prompt": args.prompt}) if args.json else "\n".join(paths))
+    used = [[n.describe() for n in found] for found in out.neighbours] if out.neighbours else None
+    print(json.dumps({"images": paths, "seed": args.seed, "prompt": args.prompt, "neighbours": used}) if args.json
+          else "\n".join(paths + [f"demo: {n['caption']} ({n['id']}, {n['score']})" for n in (used or [[]])[0]]))
     return 0
 
 
@@ -237,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_world)
 
     from .data.builder import BuildConfig
+    from .knowledge.index import IndexConfig
     from .train.config import TrainConfig
     from .world.oracle import OracleConfig
 
@@ -249,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-dataset", help="stage 1: web pairs -> ICL clusters (Ray Data, CLIP-filtered)")
     add_dataclass_args(p, BuildConfig)
     p.set_defaults(func=_build_dataset)
+
+    p = sub.add_parser("index", help="stage 1b: image-text pairs -> a Re-Imagen knowledge base (Ray Data, LanceDB)")
+    add_dataclass_args(p, IndexConfig)
+    p.set_defaults(func=_index)
 
     p = sub.add_parser("pretrain", help="stage 2: train the base text-to-image model on web pairs (Ray Train)")
     add_dataclass_args(p, TrainConfig, skip=("mode",))
@@ -280,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="draw a subject from its photos in a new context")
     p.add_argument("--checkpoint", required=True, help="saved checkpoint folder, or a preset name (tiny-32, ...)")
-    p.add_argument("--subject", nargs="+", required=True, help="1-5 photos, or folders of photos")
+    p.add_argument("--subject", nargs="+", help="1-5 photos, or folders of photos")
+    p.add_argument("--kb", help="a knowledge base (ray-suti index) whose nearest pairs to the prompt are the demos")
+    p.add_argument("--neighbours", type=int, default=3, help="with --kb: demos retrieved")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="output PNG (extra images get -1, -2, ... suffixes)")
     p.add_argument("--seed", type=int, default=0)

@@ -53,6 +53,7 @@ MAX_STEPS = 1000
 @dataclass
 class SuTIPipelineOutput(BaseOutput):
     images: list | np.ndarray | torch.Tensor
+    neighbours: list | None = None  # per prompt, the knowledge base's entries used as demos
 
 
 def guidance_branches(text_scale: float, subject_scale: float, with_demos: bool, mode: str = "branches",
@@ -319,7 +320,8 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  box=None, keypoints=None, edges=None, control_image=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, adapter_image=None,
                  adapter_conditioning_scale: float = 1.0, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), cache_demo_features: bool = True):
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), cache_demo_features: bool = True,
+                 knowledge_base=None, num_neighbours: int = 3):
         """Draw the subject of ``subject_images`` as ``prompt`` describes.
 
         prompt: one prompt or a list (or ``prompt_embeds`` (B, L, D)). subject_images: the photos of
@@ -329,7 +331,9 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         with the model's own encoders (checkpoints trained with them; controls.py), each one value
         for every prompt or a list of one per prompt (None where absent): ``box`` (x0, y0, x1, y1),
         ``keypoints`` ((x, y) of the subject's top, (x, y) of its right-hand side), as fractions of
-        the image; ``edges``, an outline image or (H, W) array. ``control_image`` feeds the
+        the image; ``edges``, an outline image or (H, W) array. ``knowledge_base`` (a
+        ``ray_suti.knowledge.KnowledgeBase``) instead of photos: each prompt's ``num_neighbours``
+        nearest image-text pairs of one page become its demos (Re-Imagen), listed in ``neighbours``. ``control_image`` feeds the
         pipeline's ``controlnet`` (a list for several), ``adapter_image`` its T2I ``adapter``.
         Returns ``SuTIPipelineOutput(images)`` (or a tuple with ``return_dict=False``).
         """
@@ -359,6 +363,18 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise SuTIInputError("control_image needs a pipeline with a controlnet")
         if adapter_image is not None and self.adapter is None:
             raise SuTIInputError("adapter_image needs a pipeline with a T2I adapter")
+
+        neighbours = None
+        if knowledge_base is not None:  # Re-Imagen: the demos come from the knowledge base
+            if subject_images is not None or prompt_embeds is not None:
+                raise SuTIInputError("knowledge_base retrieves by prompt text: give no subject_images or prompt_embeds")
+            if not (isinstance(num_neighbours, int) and 1 <= num_neighbours <= self.max_demos):
+                raise SuTIInputError(f"num_neighbours must be an integer in [1, {self.max_demos}]")
+            neighbours = [knowledge_base.search(p, num_neighbours) for p in prompts]
+            if not all(neighbours):
+                raise SuTIInputError("the knowledge base is empty")
+            subject_images = [[x.image for x in found] for found in neighbours]
+            subject_captions = [[x.caption for x in found] for found in neighbours]
 
         # 1. Define call parameters
         device, n, dtype = self._execution_device, num_images_per_prompt, self.unet.dtype
@@ -494,7 +510,7 @@ class SuTIPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 if output_type == "pil":
                     images = [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in images]
         self.maybe_free_model_hooks()
-        return SuTIPipelineOutput(images=images) if return_dict else (images,)
+        return SuTIPipelineOutput(images=images, neighbours=neighbours) if return_dict else (images,)
 
     # ---- ControlNet --------------------------------------------------------------------------
     def _prepare_controlnet(self, image, rows, size, scale, start, end, steps):

@@ -1,0 +1,110 @@
+"""A Re-Imagen knowledge base built by the real index job (Ray Data + LanceDB) from a synthetic
+crawl, searched, and used as the demos of a real pipeline."""
+import glob
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ray_suti.knowledge import IndexConfig, KnowledgeBase, run_index
+from ray_suti.knowledge.index import cluster_entries
+from ray_suti.model import SuTIInputError
+from ray_suti.model.pipeline import load_pipeline
+from ray_suti.world.crawl import WorldConfig, generate_world
+
+from ..conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    generate_world(WorldConfig(out=str(out), pages=24, pages_per_shard=12, seed=3, image_size=32), progress=False)
+    return out / "web"
+
+
+@pytest.fixture(scope="module")
+def kb_path(ray_local, crawl, tmp_path_factory):
+    return str(tmp_path_factory.mktemp("kb") / "kb")
+
+
+def good_records(files) -> pd.DataFrame:
+    from ray_suti.utils.images import inspect_image
+
+    rows = pd.concat([pq.read_table(f).to_pandas() for f in files])
+    return rows[[not inspect_image(b, min_side=8)[1] for b in rows["image"]]]
+
+
+def test_indexing_is_incremental_and_keeps_every_good_pair(crawl, kb_path):
+    shards = sorted(glob.glob(str(crawl / "*.parquet")))
+    assert len(shards) == 2
+    first = run_index(IndexConfig(input=shards[0], output=kb_path))
+    assert first["rows"] == len(good_records(shards[:1])) and first["files"] == shards[:1]
+    both = run_index(IndexConfig(input=str(crawl), output=kb_path))  # only the new shard is embedded
+    assert both["rows"] == len(good_records(shards)) and both["files"] == shards
+    assert run_index(IndexConfig(input=str(crawl), output=kb_path))["rows"] == both["rows"]  # nothing new
+    entries = KnowledgeBase(kb_path).table.to_arrow()
+    assert len(set(entries["id"].to_pylist())) == entries.num_rows  # no pair twice
+    norms = np.linalg.norm(np.stack(entries["image_emb"].to_numpy(zero_copy_only=False)), axis=1)
+    assert np.allclose(norms, 1, atol=1e-4)
+    with pytest.raises(ValueError, match="same CLIP"):
+        run_index(IndexConfig(input=str(crawl), output=kb_path, clip_pretrained=""))
+
+
+def test_a_caption_finds_its_page_and_neighbours_stay_on_one_page(crawl, kb_path):
+    kb = KnowledgeBase(kb_path)
+    records = good_records(sorted(glob.glob(str(crawl / "*.parquet"))))
+    found = 0
+    for _, row in records[records["caption"].str.len() > 25].head(10).iterrows():
+        neighbours = kb.search(row["caption"], k=3)
+        assert 1 <= len(neighbours) <= 3 and len({n.page for n in neighbours}) == 1
+        assert [n.score for n in neighbours] == sorted((n.score for n in neighbours), reverse=True)
+        found += neighbours[0].caption == row["caption"]
+    assert found >= 8  # the exact caption wins (words + caption embedding), but for identical captions elsewhere
+
+
+def test_the_pipeline_draws_with_the_neighbours_as_demos(kb_path):
+    pipe = load_pipeline(str(REPO / "checkpoints" / "tiny-32.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+    kb = KnowledgeBase(kb_path)
+    prompt = "a toy on the beach"
+    out = pipe(prompt, knowledge_base=kb, num_neighbours=2, num_inference_steps=4, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    [used] = out.neighbours
+    assert len(used) == 2 and [n.id for n in used] == [n.id for n in kb.search(prompt, 2)]
+    same = pipe(prompt, [n.image for n in used], subject_captions=[n.caption for n in used], num_inference_steps=4,
+                output_type="np", generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(out.images, same.images)
+    with pytest.raises(SuTIInputError, match="knowledge_base"):
+        pipe(prompt, [used[0].image], knowledge_base=kb)
+    with pytest.raises(SuTIInputError, match="num_neighbours"):
+        pipe(prompt, knowledge_base=kb, num_neighbours=99)
+
+
+def test_a_missing_knowledge_base_says_how_to_build_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ray-suti index"):
+        KnowledgeBase(str(tmp_path))
+
+
+def test_clusters_become_one_page_each():
+    batch = pd.DataFrame({"cluster_id": ["c1", "c2"], "kept": [True, False], "keys": [["a", "b"], ["c"]],
+                          "captions": [["x", "y"], ["z"]], "images": [[b"1", b"2"], [b"3"]]})
+    rows = cluster_entries(batch)
+    assert rows[["key", "page_key", "caption"]].values.tolist() == [["c1/a", "c1", "x"], ["c1/b", "c1", "y"]]
+
+
+def test_generate_command_retrieves_and_says_which_neighbours(kb_path, tmp_path, capsys):
+    import json
+
+    from ray_suti.cli import main
+
+    out = tmp_path / "toy.png"
+    main(["generate", "--checkpoint", "tiny-32", "--kb", kb_path, "--prompt", "a toy in the snow", "--out", str(out),
+          "--steps", "3", "--seed", "0", "--neighbours", "2", "--json"])
+    answer = json.loads(capsys.readouterr().out)
+    [used] = answer["neighbours"]
+    assert out.exists() and len(used) == 2 and len({n["page"] for n in used}) == 1
+    assert {"id", "caption", "score"} <= set(used[0])
+    with pytest.raises(SystemExit, match="--subject photos or a --kb"):
+        main(["generate", "--checkpoint", "tiny-32", "--prompt", "x", "--out", str(out)])

@@ -88,7 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         app = build_app(checkpoint=args.checkpoint, store=args.store, max_replicas=args.max_replicas,
                         num_gpus=args.num_gpus, scheduler=args.scheduler, api_keys_file=args.api_keys_file,
-                        token_file=args.token_file, allow_anonymous=args.host in LOOPBACK)
+                        token_file=args.token_file, allow_anonymous=args.host in LOOPBACK,
+                        knowledge_base=args.knowledge_base)
     except CredentialsError as e:
         raise SystemExit(f"error: --host {args.host}: {e}") from None
     stop = threading.Event()
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; other than loopback needs API keys")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--store", default="runs/subjects", help="folder or URI of registered subjects")
+    p.add_argument("--knowledge-base", default=None, help="a knowledge base (ray-suti index) for requests with "
+                                                          "\"retrieve\"; {tenant} in it: one per tenant")
     p.add_argument("--replicas", "--max-replicas", dest="max_replicas", type=int, default=2,
                    help="most model replicas (the autoscaler starts at 1)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")

@@ -4,7 +4,10 @@
     GET    /v1/subjects            your subjects, paged (``limit``, ``after``)
     GET    /v1/subjects/{id}       one subject's metadata
     DELETE /v1/subjects/{id}       photos and cached features gone; the id answers 404 afterwards
-    POST   /v1/generate            prompt + subject_id (or inline images) -> PNG or JSON (base64 images)
+    POST   /v1/generate            prompt + subject_id (or inline images, or "retrieve" from the knowledge base)
+                                   -> PNG, JSON (base64 images) or server-sent events with step progress
+    GET    /v1/subjects/{id}/images/{n}   a stored photo (``size``: thumbnail side)
+    GET    /                       the web page (open: it holds no data; its calls carry the key)
     GET    /v1/model               preset, checkpoint and its content id, controls
     GET    /healthz                liveness (the only route open without a key)
     GET    /docs, /openapi.json    the schema
@@ -39,14 +42,16 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
               max_batch_rows: int = 48, max_queued_requests: int = 64, request_timeout_s: float = 300.0,
               downscale_delay_s: float = 10.0, scheduler: str = "ddim", max_side: int = 1024,
               max_subjects: int = 1000, max_bytes: int = 2 * 1024**3, subject_ttl_s: float | None = None,
-              ingress_max_replicas: int = 4, dtype: str = "fp32", warmup: bool = True):
+              ingress_max_replicas: int = 4, dtype: str = "fp32", warmup: bool = True,
+              knowledge_base: str | None = None):
     """The application graph (``serve run serve.app:build``). Credentials (``auth.py``): an
     ``api_keys_file``, a ``token_file``, or ``SUTI_API_TOKEN`` in the replicas' environment; without
     any the build fails unless ``allow_anonymous`` (local use on 127.0.0.1). ``token`` is for Python
     callers only. ``max_subjects`` / ``max_bytes`` are per tenant; ``subject_ttl_s`` makes subjects
     expire. ``dtype`` fp16 / bf16 halves a GPU replica's memory; ``num_gpus`` may be a fraction
     (several small replicas on one GPU). ``scheduler`` "dpm++" with ~10 steps per request matches
-    DDIM 25 on tiny-32, faster."""
+    DDIM 25 on tiny-32, faster. ``knowledge_base``: a KB folder or URI (``ray-suti index``) for
+    requests with ``"retrieve"``; ``{tenant}`` in it gives each tenant its own."""
     from ..model.pipeline import resolve_checkpoint
     from ..model.schedulers import scheduler_class
     from ..utils.storage import is_uri
@@ -59,6 +64,8 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if knowledge_base and not is_uri(knowledge_base):
+        knowledge_base = os.path.abspath(knowledge_base)  # replicas may start elsewhere
     root = store if is_uri(store) else os.path.abspath(store)  # shared storage: every replica sees every subject
     store_cfg = dict(root=root, max_images=MAX_IMAGES, max_side=max_side,
                      max_subjects=max_subjects, max_bytes=max_bytes, ttl_s=subject_ttl_s)
@@ -68,7 +75,8 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
                             "target_ongoing_requests": target_ongoing_requests,
                             "upscale_delay_s": 2.0, "downscale_delay_s": downscale_delay_s},
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-    ).bind(checkpoint, store_cfg, cache_bytes, num_gpus > 0, max_batch_size, scheduler, max_batch_rows, dtype, warmup)
+    ).bind(checkpoint, store_cfg, cache_bytes, num_gpus > 0, max_batch_size, scheduler, max_batch_rows, dtype, warmup,
+           knowledge_base)
     return Ingress.options(
         max_ongoing_requests=4 * max_batch_size * max_replicas + max_queued_requests,
         autoscaling_config={"min_replicas": 1, "max_replicas": ingress_max_replicas, "target_ongoing_requests": 64},

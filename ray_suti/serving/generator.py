@@ -63,7 +63,7 @@ class Generator:
 
     def __init__(self, checkpoint: str, store: dict, cache_bytes: int = 256 * 1024**2, use_gpu: bool = False,
                  max_batch_size: int = 8, scheduler: str = "ddim", max_batch_rows: int = 48, dtype: str = "fp32",
-                 warmup: bool = True):
+                 warmup: bool = True, knowledge_base: str | None = None):
         import torch
         from PIL import Image
 
@@ -84,6 +84,7 @@ class Generator:
         self.checkpoint_id = content_id(checkpoint)
         self.stats = {"feature_hits": 0, "feature_misses": 0, "batches": 0, "rows": 0}
         self.metrics = replica_metrics()
+        self.knowledge_base, self.kbs = knowledge_base, {}  # a KB uri ("{tenant}" in it: one per tenant), opened once
         self.draw_batch.set_max_batch_size(max_batch_size)  # 1 turns batching off (bench/serve_load.py)
 
     def features(self, tenant: str, subject_id: str):
@@ -106,15 +107,35 @@ class Generator:
         self.cache.put(subject_id, feats)
         return feats
 
+    def retrieve(self, job: dict):
+        """(demo features, {"neighbours", "retrieval_s"}) from the tenant's knowledge base (Re-Imagen)."""
+        from ..knowledge import KnowledgeBase
+
+        if not self.knowledge_base:
+            raise LookupError("this deployment has no knowledge base: register photos, or send them")
+        uri = self.knowledge_base.replace("{tenant}", job["tenant"])
+        t0 = time.perf_counter()
+        if uri not in self.kbs:
+            try:
+                self.kbs[uri] = KnowledgeBase(uri, device=self.device)
+            except FileNotFoundError:
+                raise LookupError("no knowledge base has been built for this tenant") from None
+        found = self.kbs[uri].search(job["prompt"], job["retrieve"]["k"])
+        if not found:
+            raise LookupError("the knowledge base is empty")
+        feats = self.pipe.encode_subject([n.image for n in found], [n.caption for n in found])
+        return feats, {"neighbours": [n.describe() for n in found], "retrieval_s": time.perf_counter() - t0}
+
     def info(self) -> dict:
         return {"preset": self.pipe.suti_config.name, "checkpoint": self.checkpoint, "checkpoint_id": self.checkpoint_id,
                 "dtype": str(self.pipe.dtype).removeprefix("torch."), "device": self.device,
                 "controls": list(self.pipe.controls), "scheduler": type(self.pipe.scheduler).__name__,
+                "knowledge_base": bool(self.knowledge_base),
                 "cache_entries": len(self.cache.entries), "cache_bytes": self.cache.bytes, **self.stats}
 
     async def generate(self, job: dict) -> dict:
         """The job's result."""
-        async for item in self.draw_batch(job):  # one item: the job asks for no progress
+        async for item in self.generate_stream(job):  # one item: the job asks for no progress
             result = item
         return result
 
@@ -122,8 +143,13 @@ class Generator:
         """Progress events (when the job asks), then its result. An async generator method itself,
         so Serve streams it on its event loop (a batch wrapper alone looks synchronous to it).
         Both methods feed the same batches."""
+        if not await asyncio.to_thread(Attempts.start, job["id"]):
+            yield {"status": 503, "detail": f"this request stopped the {Attempts.MAX} replicas that drew it "
+                                            "(a crash or an out-of-memory kill): it is not drawn again"}
+            return
         async for item in self.draw_batch(job):
             yield item
+        await asyncio.to_thread(Attempts.end, job["id"])
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def draw_batch(self, jobs: list[dict]):
@@ -157,13 +183,20 @@ class Generator:
 
         results: list[dict | None] = [None] * len(jobs)
         feats: list = [None] * len(jobs)
+        retrieved: list = [None] * len(jobs)
         for i, job in enumerate(jobs):
             try:  # a control this checkpoint lacks, or an unreadable edge map, fails this job only
                 self.pipe.prepare_controls(1, **{c: job.get(c) for c in CONTROLS})
-                feats[i] = (self.features(job["tenant"], job["subject_id"]) if job.get("subject_id")
-                            else self.pipe.encode_subject(job["photos"], job.get("captions")))
+                if job.get("retrieve"):
+                    feats[i], retrieved[i] = self.retrieve(job)
+                elif job.get("subject_id"):
+                    feats[i] = self.features(job["tenant"], job["subject_id"])
+                else:
+                    feats[i] = self.pipe.encode_subject(job["photos"], job.get("captions"))
                 if feats[i] is None:
                     results[i] = {"status": 404, "detail": "unknown subject_id"}
+            except LookupError as e:  # no knowledge base here, or nothing in it
+                results[i] = {"status": 422, "detail": str(e.args[0])}
             except SubjectError as e:
                 results[i] = {"status": 422, "detail": f"{e}: register the photos again"}
             except SuTIInputError as e:
@@ -177,7 +210,8 @@ class Generator:
             for chunk in self._chunks(members, jobs):
                 for i, images, seconds in self._sample([jobs[i] for i in chunk], [feats[i] for i in chunk],
                                                        settings, chunk, report):
-                    results[i] = {"status": 200, "images": images, "seconds": seconds, "batch_rows": len(chunk)}
+                    results[i] = {"status": 200, "images": images, "seconds": seconds, "batch_rows": len(chunk),
+                                  **(retrieved[i] or {})}
         self.metrics["batch_rows"].observe(len(jobs))
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
@@ -220,6 +254,30 @@ class Generator:
         for i, job in zip(indices, jobs):
             yield i, [encode_png((a * 255).round().astype("uint8")) for a in out[start: start + job["num_images"]]], seconds
             start += job["num_images"]
+
+
+class Attempts:
+    """How many replicas started a request, across replicas (Ray's internal KV, in the GCS). A
+    replica that dies while drawing never calls ``end``, so a request that kills replicas (a
+    segfault, an out-of-memory kill) is drawn at most ``MAX`` times, whoever retries it: the ingress
+    once, and Serve's router when a replica dies before confirming it took the request."""
+
+    MAX = 2
+
+    @staticmethod
+    def start(job_id: str) -> bool:
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+
+        key = f"attempts/{job_id}"
+        started = int(_internal_kv_get(key, namespace="ray-suti") or 0) + 1
+        _internal_kv_put(key, str(started), namespace="ray-suti")
+        return started <= Attempts.MAX
+
+    @staticmethod
+    def end(job_id: str) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(f"attempts/{job_id}", namespace="ray-suti")
 
 
 def replica_metrics() -> dict:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+import uuid
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -157,10 +158,14 @@ async def answer(stream, on_progress) -> dict:
 
 def drawn(req: GenerateRequest, job: dict, result: dict, t0: float) -> dict:
     """The JSON answer of a drawn request."""
-    return {"images": [base64.b64encode(png).decode() for png in result["images"]], "seed": job["seed"],
-            "subject_id": req.subject_id,
-            "timings": {"sampling_s": round(result["seconds"], 4), "total_s": round(time.perf_counter() - t0, 4),
-                        "batch_rows": result["batch_rows"]}}
+    answer = {"images": [base64.b64encode(png).decode() for png in result["images"]], "seed": job["seed"],
+              "subject_id": req.subject_id,
+              "timings": {"sampling_s": round(result["seconds"], 4), "total_s": round(time.perf_counter() - t0, 4),
+                          "batch_rows": result["batch_rows"]}}
+    if "neighbours" in result:  # Re-Imagen: which knowledge-base entries were the demos
+        answer["neighbours"] = result["neighbours"]
+        answer["timings"]["retrieval_s"] = round(result["retrieval_s"], 4)
+    return answer
 
 
 def json_body(model: type[BaseModel]) -> dict:
@@ -352,7 +357,7 @@ class Ingress:
 
     async def _draw(self, req: GenerateRequest, tenant: str, on_progress=None) -> tuple[dict, dict]:
         """(the job, the model's answer) of a checked request; Failure(status, detail) otherwise."""
-        job = {"prompt": req.prompt, "num_images": req.num_images, "steps": req.steps,
+        job = {"id": uuid.uuid4().hex, "prompt": req.prompt, "num_images": req.num_images, "steps": req.steps,
                "guidance_text": float(req.guidance_text), "guidance_subject": float(req.guidance_subject),
                "guidance_mode": req.guidance_mode, "tenant": tenant,
                "seed": req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1}
@@ -432,7 +437,9 @@ class Ingress:
     def _inputs(self, req: GenerateRequest, tenant: str) -> dict:
         """The job's subject and controls, checked (in a thread: decoding and storage I/O)."""
         job = {"box": req.box, "keypoints": req.keypoints}
-        if req.subject_id is not None:
+        if req.retrieve is not None:
+            job["retrieve"] = {"k": req.retrieve.k}
+        elif req.subject_id is not None:
             if not self.store.exists(tenant, req.subject_id):
                 raise LookupError(req.subject_id)
             job["subject_id"] = req.subject_id

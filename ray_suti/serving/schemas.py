@@ -8,6 +8,11 @@ MAX_IMAGES = 5
 CONTROLS = ("box", "keypoints", "edges")
 
 
+class RetrieveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    k: int = Field(default=3, ge=1, le=MAX_IMAGES, description="neighbours from the knowledge base used as demos")
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = Field(min_length=1, max_length=500)
@@ -15,6 +20,8 @@ class GenerateRequest(BaseModel):
     images: list[str] | None = Field(default=None, min_length=1, max_length=MAX_IMAGES,
                                      description="base64 photos, instead of a subject_id")
     captions: list[str] | None = Field(default=None, max_length=MAX_IMAGES)
+    retrieve: RetrieveRequest | None = Field(
+        default=None, description="Re-Imagen: the demos are the prompt's nearest pairs in the deployment's knowledge base")
     num_images: int = Field(default=1, ge=1, le=4)
     steps: int = Field(default=25, ge=1, le=100)
     guidance_text: float = Field(default=1.5, ge=0.0, le=20.0)
@@ -31,8 +38,8 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def one_subject(self):
-        if (self.subject_id is None) == (self.images is None):
-            raise ValueError("give exactly one of subject_id or images")
+        if sum(x is not None for x in (self.subject_id, self.images, self.retrieve)) != 1:
+            raise ValueError("give exactly one of subject_id, images or retrieve")
         if not self.prompt.strip():
             raise ValueError("prompt must not be blank")
         if self.box is not None:

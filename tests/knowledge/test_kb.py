@@ -4,7 +4,6 @@ import glob
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -12,38 +11,17 @@ from ray_suti.knowledge import IndexConfig, KnowledgeBase, run_index
 from ray_suti.knowledge.index import cluster_entries
 from ray_suti.model import SuTIInputError
 from ray_suti.model.pipeline import load_pipeline
-from ray_suti.world.crawl import WorldConfig, generate_world
 
 from ..conftest import REPO
+from .conftest import good_records
 
 
-@pytest.fixture(scope="module")
-def crawl(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    generate_world(WorldConfig(out=str(out), pages=24, pages_per_shard=12, seed=3, image_size=32), progress=False)
-    return out / "web"
-
-
-@pytest.fixture(scope="module")
-def kb_path(ray_local, crawl, tmp_path_factory):
-    return str(tmp_path_factory.mktemp("kb") / "kb")
-
-
-def good_records(files) -> pd.DataFrame:
-    from ray_suti.utils.images import inspect_image
-
-    rows = pd.concat([pq.read_table(f).to_pandas() for f in files])
-    return rows[[not inspect_image(b, min_side=8)[1] for b in rows["image"]]]
-
-
-def test_indexing_is_incremental_and_keeps_every_good_pair(crawl, kb_path):
+def test_indexing_is_incremental_and_keeps_every_good_pair(crawl, kb_path, kb_builds):
     shards = sorted(glob.glob(str(crawl / "*.parquet")))
-    assert len(shards) == 2
-    first = run_index(IndexConfig(input=shards[0], output=kb_path))
+    first, both, again = kb_builds[1]  # the first shard, then the folder (only the new shard is embedded), then again
     assert first["rows"] == len(good_records(shards[:1])) and first["files"] == shards[:1]
-    both = run_index(IndexConfig(input=str(crawl), output=kb_path))  # only the new shard is embedded
     assert both["rows"] == len(good_records(shards)) and both["files"] == shards
-    assert run_index(IndexConfig(input=str(crawl), output=kb_path))["rows"] == both["rows"]  # nothing new
+    assert again["rows"] == both["rows"]  # nothing new
     entries = KnowledgeBase(kb_path).table.to_arrow()
     assert len(set(entries["id"].to_pylist())) == entries.num_rows  # no pair twice
     norms = np.linalg.norm(np.stack(entries["image_emb"].to_numpy(zero_copy_only=False)), axis=1)

@@ -38,6 +38,7 @@ async function connect() {
     state.controls = model.controls || [];
     $("controls").hidden = !state.controls.some((c) => c === "box" || c === "keypoints");
     $("edges-box").hidden = !state.controls.includes("edges");
+    $("kb-box").hidden = !model.knowledge_base;
     showError("");
     await loadSubjects();
   } catch (e) {
@@ -124,10 +125,12 @@ function showPreviews() {
   updateButtons();
 }
 
+function retrieving() { return !$("kb-box").hidden && $("use-kb").checked; }
+
 function updateButtons() {
   const picked = $("photos").files.length;
   $("register").disabled = picked < 1 || picked > 5;
-  $("generate").disabled = !(state.subject || (picked >= 1 && picked <= 5)) || !$("prompt").value.trim();
+  $("generate").disabled = !(retrieving() || state.subject || (picked >= 1 && picked <= 5)) || !$("prompt").value.trim();
 }
 
 // ---- layout controls ------------------------------------------------------------------------
@@ -197,9 +200,11 @@ function fileBase64(file) {
 async function requestBody() {
   const number = (id) => Number($(id).value);
   const body = {
-    prompt: $("prompt").value.trim(), subject_id: state.subject, steps: number("steps"),
+    prompt: $("prompt").value.trim(), steps: number("steps"),
     num_images: number("num-images"), guidance_text: number("guidance-text"), guidance_subject: number("guidance-subject"),
   };
+  if (retrieving()) body.retrieve = { k: 3 };
+  else body.subject_id = state.subject;
   if ($("seed").value !== "") body.seed = number("seed");
   if (!$("controls").hidden) {
     if (state.box && state.controls.includes("box")) body.box = state.box.map((v) => Math.round(v * 1000) / 1000);
@@ -243,6 +248,17 @@ function showResult(result, prompt) {
     img.onload = () => { if (img.naturalWidth >= 128) img.style.imageRendering = "auto"; };
     const caption = document.createElement("figcaption");
     caption.textContent = `“${prompt}” · seed ${result.seed} · ${result.timings.total_s.toFixed(1)} s`;
+    if (result.neighbours) {  // Re-Imagen: the knowledge-base entries that were the demos
+      const used = document.createElement("ul");
+      used.className = "neighbours";
+      for (const n of result.neighbours) {
+        const item = document.createElement("li");
+        item.textContent = `${n.caption || "(no caption)"} · ${n.score.toFixed(2)}`;
+        item.title = `${n.id} on ${n.page}`;
+        used.append(item);
+      }
+      caption.append(used);
+    }
     figure.append(img, caption);
     $("results").prepend(figure);
   }
@@ -252,7 +268,7 @@ async function generate() {
   $("generate").disabled = true;
   showError("");
   try {
-    if (!state.subject || $("photos").files.length) await registerPhotos();
+    if (!retrieving() && (!state.subject || $("photos").files.length)) await registerPhotos();
     const body = await requestBody();
     setProgress(0, body.steps, "waiting for the model...");
     const response = await api("v1/generate", {
@@ -280,6 +296,7 @@ $("token-box").hidden = !$("token").value;
 $("token").onchange = () => { localStorage.setItem("suti-token", $("token").value.trim()); connect(); };
 $("photos").onchange = showPreviews;
 $("prompt").oninput = updateButtons;
+$("use-kb").onchange = updateButtons;
 $("register").onclick = guard(registerPhotos);
 $("refresh").onclick = guard(loadSubjects);
 $("generate").onclick = generate;

@@ -5,6 +5,8 @@ import pytest
 
 from ray_suti.utils.local_cluster import free_port  # noqa: F401  (tests import it from here)
 
+from .browser import browser  # noqa: F401  (a fixture: the web page's tests, in any package)
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

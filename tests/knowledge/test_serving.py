@@ -68,3 +68,24 @@ def test_a_tenant_without_its_knowledge_base_gets_422_until_it_is_built(url, kb_
     shutil.copytree(kb_path, tenants / DEFAULT_TENANT)
     r = draw(f"{base}/tenant", retrieve={"k": 2})
     assert r.status_code == 200 and len(r.json()["neighbours"]) == 2
+
+
+def test_the_page_draws_from_the_knowledge_base_and_lists_the_neighbours(url, browser):
+    from selenium.webdriver.common.by import By
+
+    from ..browser import wait_for
+
+    base, _ = url
+    find = lambda css: browser.find_element(By.CSS_SELECTOR, css)  # noqa: E731
+    browser.get(f"{base}/")
+    wait_for(browser, lambda d: find("#kb-box").is_displayed())
+    assert find("#generate").get_attribute("disabled") is not None  # no subject, no knowledge base yet
+    find("#use-kb").click()
+    find("#prompt").send_keys("a toy on the beach")
+    find("#steps").clear()
+    find("#steps").send_keys("4")
+    find("#generate").click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results .neighbours li"))
+    listed = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#results .neighbours li")]
+    assert len(listed) == 3 and all(" · " in text for text in listed)
+    assert requests.get(f"{base}/v1/subjects", timeout=30).json()["subjects"] == []  # nothing was registered

@@ -73,17 +73,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from ray import serve
-
-    from .serving.app import build_app
+    from .serving.app import build_app, serve_until_stopped
     from .serving.auth import CredentialsError
     from .utils.ray_utils import init_ray
 
-    # Ctrl-C and SIGTERM (Kubernetes, systemd) both shut Serve down cleanly, even when they arrive
-    # while the app is still deploying: the handler only sets a flag the main thread acts on.
     # Open only on the loopback interface; any other host needs keys (a file, or SUTI_API_TOKEN).
     try:
         app = build_app(checkpoint=args.checkpoint, store=args.store, max_replicas=args.max_replicas,
@@ -92,18 +85,9 @@ def _serve(args: argparse.Namespace) -> int:
                         knowledge_base=args.knowledge_base)
     except CredentialsError as e:
         raise SystemExit(f"error: --host {args.host}: {e}") from None
-    stop = threading.Event()
     init_ray()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app, route_prefix="/")
-        print(f"serving {args.checkpoint} at http://{args.host}:{args.port}  (API docs: /docs; Ctrl-C stops)",
-              file=sys.stderr, flush=True)
-        stop.wait()
-    finally:
-        serve.shutdown()
+    serve_until_stopped(app, args.host, args.port, lambda url: print(
+        f"serving {args.checkpoint} at {url}  (API docs: /docs; Ctrl-C stops)", file=sys.stderr, flush=True))
     return 0
 
 

@@ -172,21 +172,12 @@ def serve_once(checkpoint: str, out_dir: str, steps: int, subject_seed: int) -> 
 
 def keep_serving(checkpoint: str, store: str, port: int, console: Console) -> None:
     """The Serve app on 127.0.0.1:``port`` with the demo's subject store, until Ctrl-C."""
-    from ray import serve
+    from .serving.app import build_app, serve_until_stopped
 
-    from .serving.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(checkpoint, store, max_replicas=1, allow_anonymous=True), name="demo", route_prefix="/")
-        console.say(f"Serving the trained model: open http://127.0.0.1:{port}/ (the demo's subject is listed there). "
-                    "Ctrl-C stops it.")
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        console.say("stopped")
-    finally:
-        serve.shutdown()
+    serve_until_stopped(build_app(checkpoint, store, max_replicas=1, allow_anonymous=True), "127.0.0.1", port,
+                        lambda url: console.say(f"Serving the trained model: open {url}/ (the demo's subject is "
+                                                "listed there). Ctrl-C stops it."))
+    console.say("stopped")
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:

@@ -82,3 +82,26 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
         autoscaling_config={"min_replicas": 1, "max_replicas": ingress_max_replicas, "target_ongoing_requests": 64},
         ray_actor_options={"num_cpus": 0},
     ).bind(generator, store_cfg, credentials, max_body_bytes, request_timeout_s)
+
+
+def serve_until_stopped(app, host: str, port: int, ready) -> None:
+    """Runs ``app`` on ``host:port`` until SIGINT or SIGTERM (Ctrl-C, Kubernetes, systemd), then
+    shuts Serve down. The handlers only set a flag, so a signal that arrives while the app is still
+    deploying also ends cleanly, and a signal disposition inherited as "ignore" (a background job)
+    does not make it unstoppable. ``ready(url)`` is called once the app is up."""
+    import signal
+    import threading
+
+    from ray import serve
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, route_prefix="/")
+        ready(f"http://{host}:{port}")
+        stop.wait()
+    finally:
+        serve.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -219,9 +219,11 @@ def _generate(args: argparse.Namespace) -> int:
     paths = [args.out if i == 0 else f"{stem}-{i}{ext}" for i in range(len(out.images))]
     for image, path in zip(out.images, paths):
         image.save(path)
-    used = [[n.describe() for n in found] for found in out.neighbours] if out.neighbours else None
-    print(json.dumps({"images": paths, "seed": args.seed, "prompt": args.prompt, "neighbours": used}) if args.json
-          else "\n".join(paths + [f"demo: {n['caption']} ({n['id']}, {n['score']})" for n in (used or [[]])[0]]))
+    result = {"images": paths, "seed": args.seed, "prompt": args.prompt}
+    if out.neighbours:  # --kb: which knowledge-base entries were the demos
+        result["neighbours"] = [[n.describe() for n in found] for found in out.neighbours]
+    print(json.dumps(result) if args.json else "\n".join(
+        paths + [f"demo: {n['caption']} ({n['id']}, {n['score']})" for n in result.get("neighbours", [[]])[0]]))
     return 0
 
 

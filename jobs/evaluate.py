@@ -3,6 +3,7 @@
     ray job submit -- python jobs/evaluate.py synthetic --checkpoint PATH --out DIR
     ray job submit -- python jobs/evaluate.py dreambench --checkpoint PATH --data DIR --out DIR
     ray job submit -- python jobs/evaluate.py controls --checkpoint PATH --out DIR
+    ray job submit -- python jobs/evaluate.py retrieval --checkpoint PATH --out DIR
 """
 import sys
 

@@ -1,4 +1,4 @@
-"""Parquet contracts between stages (DESIGN.md, "Data contracts")."""
+"""Parquet contracts between stages (docs/design.md, "Data contracts")."""
 import pyarrow as pa
 
 # Stage 3 -> 4: one in-context example per row. Images are encoded PNG/JPEG bytes.

@@ -7,7 +7,7 @@
     -> group by page -> per page: drop near-duplicates, then incoherent or too-small clusters
     -> write ICL-cluster Parquet (every page, with ``kept`` and ``drop_reason``) + stats.json
 
-Near-duplicates go first because near-identical demos and targets teach copy-paste (DESIGN.md).
+Near-duplicates go first because near-identical demos and targets teach copy-paste (docs/design.md).
 """
 from __future__ import annotations
 
@@ -394,7 +394,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
 
     from ray.data import ActorPoolStrategy
 
-    from ..utils.ray_utils import init_ray
+    from ..utils.ray_utils import init_ray, pool_actor_cpus
 
     files, fs, skipped = check_shards(cfg.input, cfg.tolerate_bad_shards)
     if cfg.captioner != "alt" and not storage.is_dir(cfg.captioner):
@@ -406,7 +406,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
                                                             "use_gpu": cfg.num_gpus > 0,
                                                             "shifts": cfg.embed_shifts or default_shifts(cfg.clip_model)},
                         batch_size=cfg.embed_batch_size, compute=ActorPoolStrategy(size=cfg.embed_concurrency),
-                        num_gpus=cfg.num_gpus,
+                        num_cpus=pool_actor_cpus(cfg.embed_concurrency), num_gpus=cfg.num_gpus,
                         batch_format="pandas")
     ds = ds.groupby("page_key").map_groups(make_cluster, fn_kwargs={"cfg": cfg}, batch_format="pandas")
     out = storage.join(cfg.output, "clusters")  # a local folder or any pyarrow URI (s3://, gs://)

@@ -1,4 +1,4 @@
-"""``ray-suti evaluate synthetic|dreambench|controls``: each suite's flags come from its config dataclass."""
+"""``ray-suti evaluate synthetic|dreambench|controls|retrieval``: each suite's flags come from its config dataclass."""
 from __future__ import annotations
 
 from ..config import add_dataclass_args, from_args
@@ -29,9 +29,19 @@ def _controls(args) -> int:
     return 0
 
 
+def _retrieval(args) -> int:
+    from .retrieval import RetrievalEvalConfig, evaluate_retrieval, markdown
+
+    cfg = from_args(RetrievalEvalConfig, args)
+    print(markdown(evaluate_retrieval(cfg)))
+    print(f"results and contact_sheet.png: {cfg.out}")
+    return 0
+
+
 def add_cli(subparsers) -> None:
     from .controls import ControlsEvalConfig
     from .dreambench import DreamBenchConfig
+    from .retrieval import RetrievalEvalConfig
     from .synthetic import SyntheticEvalConfig
 
     p = subparsers.add_parser("evaluate", help="stage 5: evaluate a checkpoint (Ray tasks)")
@@ -47,3 +57,7 @@ def add_cli(subparsers) -> None:
                                            "subjects: box IoU, keypoint error, PSNR with vs without, pair success")
     add_dataclass_args(c, ControlsEvalConfig)
     c.set_defaults(func=_controls)
+    r = suites.add_parser("retrieval", help="Re-Imagen: held-out catalogue subjects known by a made-up name, drawn "
+                                            "from a knowledge base: recall@k, PSNR vs oracle demos and text-only")
+    add_dataclass_args(r, RetrievalEvalConfig)
+    r.set_defaults(func=_retrieval)

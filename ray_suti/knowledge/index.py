@@ -108,13 +108,12 @@ def run_index(cfg: IndexConfig) -> dict:
     """Embeds the input files not indexed yet and adds them to the KB; returns its kb.json."""
     import lancedb
     import ray.data
-    from lancedb.index import FTS
     from ray.data import ActorPoolStrategy
 
     from ..data.builder import check_shards, read_web_pairs
     from ..data.clip import default_shifts
     from ..utils.progress import bar as progress_bar
-    from ..utils.ray_utils import init_ray
+    from ..utils.ray_utils import init_ray, pool_actor_cpus
 
     meta = read_meta(cfg.output)
     clip = {"clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained,
@@ -134,9 +133,13 @@ def run_index(cfg: IndexConfig) -> dict:
     else:
         ds = read_web_pairs(new, fs, num_cpus=0.25)
         ds = ds.map_batches(pair_entries, fn_kwargs={"min_side": cfg.min_side}, batch_format="pandas")
+    # Small shards are read as one block, which one actor would embed alone: blocks of a few batches
+    # keep every actor of the pool busy (streaming, no shuffle).
+    ds = ds.repartition(target_num_rows_per_block=cfg.embed_batch_size * 4)
     ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
                                                           "use_gpu": cfg.num_gpus > 0, "shifts": clip["embed_shifts"]},
                         batch_size=cfg.embed_batch_size, compute=ActorPoolStrategy(size=cfg.embed_concurrency),
+                        num_cpus=pool_actor_cpus(cfg.embed_concurrency),
                         num_gpus=cfg.num_gpus, batch_format="pandas")
     dim = meta.get("dim") or embedding_dim(cfg)
     db, schema = lancedb.connect(cfg.output), entry_schema(dim)
@@ -149,13 +152,23 @@ def run_index(cfg: IndexConfig) -> dict:
                 table.add(batch.select(schema.names).cast(schema))
                 bar.update(batch.num_rows)
     rows = table.count_rows()
-    table.create_index("caption", config=FTS(), replace=True)
-    if rows >= cfg.index_min_rows:
-        for column in ("image_emb", "text_emb"):
-            table.create_index(metric="cosine", vector_column_name=column, replace=True)
-    meta.update(files=sorted(seen | set(new)), rows=rows, dim=dim, indexed_vectors=rows >= cfg.index_min_rows)
+    meta.update(files=sorted(seen | set(new)), rows=rows, dim=dim,
+                indexed_vectors=create_indexes(table, cfg.index_min_rows))
     storage.write_bytes(storage.join(cfg.output, META), json.dumps(meta, indent=2).encode())  # last: the KB is whole
     return meta
+
+
+def create_indexes(table, min_rows: int) -> bool:
+    """Full-text index on the captions; IVF-PQ on both embeddings from ``min_rows`` rows on (below,
+    LanceDB's exact scan is faster). Returns whether the vector indexes exist."""
+    from lancedb.index import FTS
+
+    table.create_index("caption", config=FTS(), replace=True)
+    if table.count_rows() < min_rows:
+        return False
+    for column in ("image_emb", "text_emb"):
+        table.create_index(metric="cosine", vector_column_name=column, replace=True)
+    return True
 
 
 def embedding_dim(cfg: IndexConfig) -> int:

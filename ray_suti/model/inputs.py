@@ -1,4 +1,4 @@
-"""Normalising the photos users send (documented in the README, "Subject photos").
+"""Normalising the photos users send (documented in docs/model.md, "Subject photos").
 
 Any of: a path, bytes, a PIL image, a numpy array ((H, W, C) uint8, or float in [0, 1]) or a torch
 tensor ((C, H, W) float in [0, 1]); a batch of photos may also come as one (N, H, W, C) array or

@@ -22,6 +22,14 @@ def init_ray(num_cpus: int | None = None) -> None:
     ray.init(**kwargs)
 
 
+def pool_actor_cpus(pool_size: int) -> float:
+    """CPUs for each actor of a Ray Data pool: one, unless the pool would take every CPU of the
+    cluster and leave none for the read's file listing (ListFiles asks a whole CPU): a deadlock with
+    2 actors on 2 CPUs. Then the CPUs but one, shared."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return min(1.0, max(total - 1.0, 0.25 * pool_size) / pool_size)
+
+
 def run_sharded(fn, args_per_shard: list[tuple], max_in_flight: int, desc: str, unit_key: str | None = None,
                 total: int | None = None, progress: bool = True, num_gpus: float = 0) -> list:
     """Runs ``fn(*args)`` as Ray tasks (1 CPU and ``num_gpus`` each), at most ``max_in_flight`` at once

@@ -5,7 +5,7 @@ A subject lives in its own frame, u (right) and v (down) in [-1, 1]. It has a bo
 placed asymmetrically so that mirroring and rotation are visible. Colours are drawn from a
 continuous space, so no word names a subject: text can only give its generic class word.
 
-Split (fixed, documented in README): a subject seed is held out iff ``seed % 10 == 0``. The crawl
+Split (fixed, documented in docs/design.md): a subject seed is held out iff ``seed % 10 == 0``. The crawl
 and every training set use train seeds only; evaluation uses held-out seeds.
 """
 from __future__ import annotations

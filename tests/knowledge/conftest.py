@@ -22,7 +22,9 @@ def kb_builds(ray_local, crawl, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("kb") / "kb")
     shards = sorted(glob.glob(str(crawl / "*.parquet")))
     assert len(shards) == 2
-    runs = [run_index(IndexConfig(input=source, output=path)) for source in (shards[0], str(crawl), str(crawl))]
+    # the second run with 2 embedding actors: on this 2-CPU cluster a pool holding every CPU deadlocked the read
+    runs = [run_index(IndexConfig(input=source, output=path, embed_concurrency=actors))
+            for source, actors in ((shards[0], 1), (str(crawl), 2), (str(crawl), 1))]
     return path, runs
 
 
@@ -36,3 +38,16 @@ def good_records(files) -> pd.DataFrame:
 
     rows = pd.concat([pq.read_table(f).to_pandas() for f in files])
     return rows[[not inspect_image(b, min_side=8)[1] for b in rows["image"]]]
+
+
+@pytest.fixture(scope="package")
+def catalogue_kb(ray_local, crawl, tmp_path_factory):
+    """The crawl plus a catalogue of held-out subjects under made-up names, in one KB."""
+    from ray_suti.world.catalogue import CatalogueConfig, write_catalogue
+
+    out = tmp_path_factory.mktemp("catalogue")
+    entries = write_catalogue(CatalogueConfig(out=str(out / "catalogue"), num_subjects=8, image_size=32))
+    path = str(out / "kb")
+    for source in (str(crawl), str(out / "catalogue" / "web")):
+        run_index(IndexConfig(input=source, output=path))
+    return path, entries

@@ -42,6 +42,22 @@ def test_a_caption_finds_its_page_and_neighbours_stay_on_one_page(crawl, kb_path
     assert found >= 8  # the exact caption wins (words + caption embedding), but for identical captions elsewhere
 
 
+def test_a_made_up_name_finds_its_catalogue_page_among_context_words(catalogue_kb):
+    """The prompt's context words ("yellow", "lying on its side") match other pages' captions more
+    often than the one name does; the name term keeps the named subject's page first."""
+    from ray_suti.world import Context
+    from ray_suti.world.catalogue import named
+
+    path, entries = catalogue_kb
+    prompts = [(Context.from_json(e["target"]).prompt(named(e)), e) for e in entries]
+    kb, without_names = KnowledgeBase(path), KnowledgeBase(path, weights=(0.5, 0.5, 1.0, 0.0))
+    for prompt, entry in prompts:
+        neighbours = kb.search(prompt, k=3)
+        assert [n.page for n in neighbours] == [entry["page_url"]] * 3, prompt
+        assert {n.id for n in neighbours} <= set(entry["keys"])
+    assert sum(without_names.search(p, 3)[0].page != e["page_url"] for p, e in prompts) >= 1
+
+
 def test_the_pipeline_draws_with_the_neighbours_as_demos(kb_path):
     pipe = load_pipeline(str(REPO / "checkpoints" / "tiny-32.safetensors"))
     pipe.set_progress_bar_config(disable=True)

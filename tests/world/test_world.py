@@ -155,3 +155,22 @@ def test_bad_context_values_are_rejected():
         Context(scene="moon")
     with pytest.raises(ValueError, match="unknown colour"):
         Context(colour="teal")
+
+
+def test_catalogue_names_are_new_words_on_their_own_pages(world, tmp_path):
+    from ray_suti.world.catalogue import CatalogueConfig, made_up_names, write_catalogue
+
+    names = made_up_names(200)
+    assert len(set(names)) == 200 and names == made_up_names(200)
+    crawl_words = {w.lower() for row in world[1] for w in row["caption"].split()}
+    assert not {n.lower() for n in names} & (crawl_words | set(VOCABULARY))
+    entries = write_catalogue(CatalogueConfig(out=str(tmp_path), num_subjects=5, photos_per_page=4, image_size=32))
+    rows = pq.read_table(tmp_path / "web" / "catalogue.parquet")
+    assert rows.schema == WEB_SCHEMA and rows.num_rows == 20
+    for entry in entries:
+        assert is_heldout(entry["subject_seed"])
+        mine = [r for r in rows.to_pylist() if r["page_url"] == entry["page_url"]]
+        assert [r["key"] for r in mine] == entry["keys"]
+        assert all(f"{entry['name']} {entry['class_word']}" in r["caption"] for r in mine)
+        scenes = {Context.from_json(c).scene for c in entry["contexts"]}
+        assert Context.from_json(entry["target"]).scene not in scenes  # a new context: copying never pays

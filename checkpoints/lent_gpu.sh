@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session, everything side by side on one GPU (the tiny models leave it mostly idle):
-#   - the embedded default's tiny CLIP (ray_suti/data/train_clip_local.py) on the seed-0 world crawl;
+#   - the embedded default's tiny CLIP (`ray-suti train-clip --local --use-gpu`) on the seed-0 world crawl;
 #   - SuTI recipe B: `train_tiny32.sh resume` (cosine neighbour attention, half the timesteps noisy);
 #   - SuTI recipe C: B plus gradients through the demo encoding (--demo-grad), on B's oracle data.
 # Both SuTI runs start from the committed checkpoint; results land in $OUT (B/, C/, logs, CLIP).
@@ -17,10 +17,10 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
-python3 -c "import ray_suti.train.local, ray_suti.data.train_clip_local, torch; print(torch.__version__, torch.cuda.is_available())" || exit 1
+python3 -c "import ray_suti.train.local, ray_suti.data.train_clip, torch; print(torch.__version__, torch.cuda.is_available())" || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 oracle=${ORACLE_FROM:-}
-python3 -m ray_suti.data.train_clip_local --input "${CLIP_DATA:-runs/train-world/web}" \
+python3 -m ray_suti.cli train-clip --local --use-gpu --input "${CLIP_DATA:-runs/train-world/web}" \
   --output "$out/tiny-clip.safetensors" --steps "${CLIP_STEPS:-100000}" --batch-size "${CLIP_BATCH:-512}" \
   --warmup-steps 200 --report-every 250 --max-minutes "$minutes" > "$out/clip.log" 2>&1 &
 common="BATCH=${BATCH:-512} LOADER_WORKERS=${LOADER_WORKERS:-6} INIT=checkpoints/tiny-32.safetensors"

@@ -49,10 +49,12 @@ def _build_dataset(args: argparse.Namespace) -> int:
 def _train_clip(args: argparse.Namespace) -> int:
     from .data.train_clip import ClipTrainConfig, train_clip
 
-    cfg = from_args(ClipTrainConfig, args)
-    print(json.dumps(train_clip(cfg), default=str))
-    print(f"CLIP weights: {cfg.output}  (use: ray-suti build-dataset --clip-pretrained {cfg.output})")
-    return 0
+    try:
+        cfg = from_args(ClipTrainConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return _run_stage(train_clip, cfg, f"CLIP weights: {cfg.output}  "
+                                       f"(use: ray-suti build-dataset --clip-pretrained {cfg.output})")
 
 
 def _apprentice(args: argparse.Namespace) -> int:
@@ -248,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.train_clip import ClipTrainConfig
 
-    p = sub.add_parser("train-clip", help="train the embedded default's small CLIP on web pairs (Ray Train)")
+    p = sub.add_parser("train-clip", help="train the embedded default's small CLIP on crawled web pairs or pages "
+                                          "rendered on the fly (--recipe; Ray Train, or --local: one process)")
     add_dataclass_args(p, ClipTrainConfig)
     p.set_defaults(func=_train_clip)
 

@@ -61,9 +61,9 @@ def preprocess(images, size: int) -> torch.Tensor:
 def embed_images(clip, images, size: int, device: str = "cpu", shifts: int = 1) -> np.ndarray:
     """-> (N, D) float32, unit length. ``shifts`` > 1 averages the unit embeddings of the image rolled
     by every (dy, dx) in a ``shifts`` x ``shifts`` grid of 1-px offsets (centred: 3 -> -1, 0, 1), then
-    renormalises: the tiny CLIP's 4-px patches make it sensitive to a 1-px shift (a re-upload's cosine
-    to its original was ~0.93 at the median, 0.77 at the 5th percentile; with 3 x 3 shifts 0.99 / 0.98),
-    at ``shifts**2`` forward passes."""
+    renormalises: the tiny CLIP's 4-px patches make it sensitive to a 1-px shift (a re-upload's
+    cosine to its original, with and without: docs/stages/1-dataset.md), at ``shifts**2`` forward
+    passes."""
     if not images:
         return np.zeros((0, 0), np.float32)
     x = preprocess(images, size).to(device)

@@ -1,63 +1,166 @@
-"""``ray-suti train-clip``: a small CLIP for the embedded default, trained with Ray Train.
+"""``ray-suti train-clip``: the embedded default's small CLIP, one config, two recipes, two runners.
 
 Pretrained CLIP weights cannot be downloaded here, and alt text is weak (often empty or
-boilerplate), so the signal is image-image contrast, two ways at once:
+boilerplate), so the signal is image-image contrast. Recipes (``--recipe``):
 
-- page contrast: two different photos of one page (the same subject in different scenes) are a
-  positive pair, which is exactly the identity the coherence filter must see;
-- instance contrast: two augmented views (shift-crop, flip) of one photo are a positive pair and
-  other photos, even of the same page, are not, so distinct photos of one subject stay apart and
-  only true near-duplicates land above the duplicate threshold.
+- ``pages`` (``train_clip_pages``): crawled web pairs. Two different photos of one page (the same
+  subject in different scenes) are a positive pair, which is exactly the identity the coherence
+  filter must see; two augmented views of one photo are an instance pair, so distinct photos of
+  one subject stay apart and only true near-duplicates land above the duplicate threshold.
+- ``render`` (``train_clip_render``): pages rendered on the fly from the synthetic world: one
+  subject in two sampled contexts is a positive pair, junk imagery only matches itself.
 
-Same-page pairs in a batch are masked out of the negatives. An optional image-text term uses the
-captions that survive cleaning. Pairs are made by grouping the web pairs by normalised page URL
-with Ray Data. A linear warm-up and cosine decay keep the small ViT from collapsing (at a constant
-1e-3 every image got the same embedding: loss at chance).
+Runners: a Ray Train job (default; ``--num-workers`` DDP workers on CPUs) or one process without
+Ray (``--local``; the GPU with ``--use-gpu``). Every runner and recipe shares ``run_steps``: AdamW,
+linear warm-up then cosine decay (``lr_at``: a small ViT at a constant high rate collapses to one
+embedding for every image), gradient clipping at 1, reports and snapshots.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
 
 WEIGHTS = "clip.safetensors"
+RECIPES = ("pages", "render")
+# Options left unset take their recipe's value (the render values are those of the committed CLIP).
+RECIPE_DEFAULTS = {
+    "pages": {"steps": 2000, "lr": 5e-4, "warmup_steps": 50, "report_every": 50, "seed": 0},
+    "render": {"steps": 1000, "lr": 3e-4, "warmup_steps": 30, "report_every": 25, "seed": 11},
+}
+
+
+def _per_recipe(name: str, help_text: str) -> dict:
+    values = ", ".join(f"{r} {d[name]}" for r, d in RECIPE_DEFAULTS.items())
+    return {"help": f"{help_text}; unset: {values}"}
 
 
 @dataclass(frozen=True)
 class ClipTrainConfig:
-    input: str = field(default="runs/world/web", metadata={"help": "web-pairs Parquet or webdataset tars"})
+    recipe: str = field(default="pages", metadata={"help": "pages: crawled web pairs (--input); render: pages "
+                                                           "rendered on the fly from the synthetic world"})
+    input: str = field(default="runs/world/web", metadata={"help": "pages: web-pairs Parquet or webdataset tars"})
     output: str = field(default="runs/clip/tiny-clip.safetensors", metadata={"help": "trained weights (safetensors)"})
-    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    init: str = field(default="", metadata={"help": "tiny CLIP weights to start from (empty: random)"})
+    steps: int | None = field(default=None, metadata=_per_recipe("steps", "optimizer steps"))
+    max_minutes: float = field(default=0.0, metadata={"help": "--local: stop and save after this long; the cosine "
+                                                              "decay follows whichever ends first (0: no limit)"})
     batch_size: int = field(default=128, metadata={"help": "pairs per step per worker"})
-    lr: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up, then cosine decay to 0"})
+    lr: float | None = field(default=None, metadata=_per_recipe("lr", "peak AdamW learning rate"))
+    warmup_steps: int | None = field(default=None, metadata=_per_recipe("warmup_steps", "linear warm-up, then "
+                                                                                          "cosine decay to 0"))
     instance_weight: float = field(default=1.0, metadata={"help": "weight of the view-vs-view (instance) loss"})
-    text_weight: float = field(default=0.0, metadata={"help": "weight of the image-text loss on cleaned captions"})
-    num_workers: int = field(default=1, metadata={"help": "training workers"})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per worker"})
+    text_weight: float = field(default=0.0, metadata={"help": "pages: weight of the image-text loss on cleaned "
+                                                              "captions"})
+    junk_frac: float = field(default=0.15, metadata={"help": "render: share of each batch that is junk imagery"})
+    p_stylize: float = field(default=0.4, metadata={"help": "render: probability of a stylised context"})
+    p_recolor: float = field(default=0.4, metadata={"help": "render: probability of a recoloured context"})
+    jitter: float = field(default=0.03, metadata={"help": "render: context jitter (sample_context)"})
+    pool_subjects: int = field(default=3000, metadata={"help": "render: subjects in the rendered pool"})
+    views: int = field(default=4, metadata={"help": "render: renders per pooled subject"})
+    refresh: int = field(default=24, metadata={"help": "render: pooled subjects re-rendered per step"})
+    augment_anchor: bool = field(default=False, metadata={"help": "render: shift/flip-augment the anchor view too"})
+    hard_instance: bool = field(default=True, metadata={"help": "render: the subject's other photo is an instance "
+                                                                "negative"})
+    local: bool = field(default=False, metadata={"help": "one process without Ray instead of a Ray Train job"})
+    use_gpu: bool = field(default=False, metadata={"help": "--local: train on the GPU when one is present (bf16)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per process (0: torch's default)"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per Ray Train worker"})
     storage_path: str = field(default="runs/train", metadata={"help": "Ray Train storage"})
-    report_every: int = field(default=50, metadata={"help": "steps between loss reports"})
-    seed: int = field(default=0, metadata={"help": "seed"})
+    report_every: int | None = field(default=None, metadata=_per_recipe("report_every", "steps between loss reports"))
+    snapshot_every: int = field(default=0, metadata={"help": "--local: also save OUTPUT-stepN.safetensors every N "
+                                                             "steps (0: never)"})
+    seed: int | None = field(default=None, metadata=_per_recipe("seed", "seed"))
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}: use pages (crawled web pairs) or render (pages "
+                             "rendered on the fly)")
+        for name, value in RECIPE_DEFAULTS[self.recipe].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name, low in (("steps", 1), ("batch_size", 2), ("warmup_steps", 0), ("report_every", 1), ("threads", 0),
+                          ("snapshot_every", 0), ("num_workers", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if not self.lr > 0 or self.max_minutes < 0:
+            raise ValueError(f"lr must be > 0 and max_minutes >= 0, got {self.lr} and {self.max_minutes}")
+        if self.local and self.num_workers != 1:
+            raise ValueError("--local trains in one process; --num-workers is for the Ray Train job")
+        local_only = [f"--{n.replace('_', '-')}" for n in ("max_minutes", "use_gpu", "snapshot_every")
+                      if getattr(self, n)]
+        if local_only and not self.local:
+            raise ValueError(f"{', '.join(local_only)}: only with --local (the Ray Train job's workers run a fixed "
+                             "number of steps, on CPUs)")
+        if self.recipe == "render":
+            self._check_render()
+
+    def _check_render(self) -> None:
+        if self.text_weight:
+            raise ValueError("--text-weight needs --recipe pages: rendered pages have no captions")
+        if not 0 <= self.junk_frac < 1:
+            raise ValueError(f"junk_frac must be in [0, 1), got {self.junk_frac}")
+        if not (0 <= self.p_stylize <= 1 and 0 <= self.p_recolor <= 1 and self.jitter >= 0):
+            raise ValueError("p_stylize and p_recolor must be in [0, 1] and jitter >= 0")
+        if self.views < 2 or not 0 <= self.refresh <= self.pool_subjects:
+            raise ValueError(f"need views >= 2 and 0 <= refresh <= pool_subjects ({self.pool_subjects}), "
+                             f"got views {self.views}, refresh {self.refresh}")
+        subjects = self.batch_size - int(round(self.batch_size * self.junk_frac))
+        if not 2 <= subjects <= self.pool_subjects:
+            raise ValueError(f"a batch holds {subjects} rendered subjects; need 2 to pool_subjects "
+                             f"({self.pool_subjects})")
 
 
-def page_pairs(group: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """All valid photos of one page -> pairs (a, b) of different photos, each photo once as ``a``."""
-    from .captions import clean_caption
+def lr_at(cfg: ClipTrainConfig, step: int, progress: float | None = None) -> float:
+    """Linear warm-up over steps, then cosine decay over ``progress`` (default: step / steps)."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    progress = min(step, cfg.steps) / cfg.steps if progress is None else min(1.0, progress)
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
 
-    group = group[group["reason"] == ""]
-    if len(group) < 2:
-        return pd.DataFrame({"a": [], "b": [], "caption": [], "page": []})
-    n = len(group)
-    rng = np.random.default_rng([seed, n, sum(map(ord, group["page_key"].iloc[0]))])
-    partners = [(j + 1 + int(rng.integers(n - 1))) % n for j in range(n)]
-    return pd.DataFrame({"a": list(group["image"]), "b": [group["image"].iloc[p] for p in partners],
-                         "caption": [clean_caption(c) for c in group["caption"]],
-                         "page": [group["page_key"].iloc[0]] * n})
+
+def run_steps(model, cfg: ClipTrainConfig, next_loss, report, snapshot=None) -> dict:
+    """The training loop of every runner and recipe. ``next_loss()`` -> the next batch's loss;
+    ``report(metrics)`` every ``report_every`` steps; ``snapshot(step)`` every ``snapshot_every``.
+    Stops at ``cfg.steps`` or after ``max_minutes``; with a time limit the cosine decay follows
+    whichever ends first, so a timed run still ends annealed. -> the last step and mean loss."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
+    t0, budget = time.time(), cfg.max_minutes * 60 or float("inf")
+    step, losses, last = 0, [], float("nan")
+    while step < cfg.steps and time.time() - t0 < budget:
+        loss = next_loss()
+        lr = lr_at(cfg, step, max(step / cfg.steps, (time.time() - t0) / budget))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % cfg.report_every == 0 and step < cfg.steps:
+            last, losses = float(np.mean(losses)), []
+            report({"step": step, "loss": round(last, 4), "lr": f"{lr:.2e}",
+                    "s_per_step": round((time.time() - t0) / step, 3)})
+        if snapshot and cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.steps:
+            snapshot(step)
+    return {"step": step, "loss": float(np.mean(losses)) if losses else last}
+
+
+def save_weights(model, path: str) -> None:
+    """fp16 safetensors (``load_clip`` loads it into fp32 parameters)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    save_file({k: v.detach().half().contiguous().cpu() for k, v in model.state_dict().items()}, path)
 
 
 def augment(x, rng: np.random.Generator, shift: int = 3, brightness: float = 0.05, noise: float = 0.01):
@@ -97,117 +200,113 @@ def contrastive(x, y, scale, same_page=None):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def lr_at(cfg: ClipTrainConfig, step: int, progress: float | None = None) -> float:
-    """Linear warm-up over steps, then cosine decay over ``progress`` (default: step / steps)."""
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    progress = min(step, cfg.steps) / cfg.steps if progress is None else min(1.0, progress)
-    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+def _losses(model, cfg: ClipTrainConfig, rng: np.random.Generator, size: int, device: str = "cpu", shard=None):
+    """The recipe's batches -> (a callable giving the next step's loss, counts to report)."""
+    if cfg.recipe == "render":
+        from .train_clip_render import render_losses
+
+        return render_losses(model, cfg, rng, size, device), {}
+    from .train_clip_pages import shard_losses, tensor_losses
+
+    if shard is not None:
+        return shard_losses(model, cfg, rng, size, shard), {}
+    return tensor_losses(model, cfg, rng, size, device)
 
 
-def pair_loss(model, cfg: ClipTrainConfig, rng: np.random.Generator, batch: dict, tokenizer, size: int,
-              device: str = "cpu"):
-    """One step's loss on a batch of page pairs: ``a``, ``b`` (encoded images or (N, 3, S, S)
-    normalised tensors), ``page`` and ``caption`` columns."""
+def _freeze_unused(clip, cfg: ClipTrainConfig) -> None:
+    """Without the image-text loss the text tower gets no gradient: freeze it, so that DDP waits for none."""
+    if not cfg.text_weight:
+        for name, p in clip.named_parameters():
+            if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias"):
+                p.requires_grad_(False)
+
+
+def _log(metrics: dict) -> None:
+    print(json.dumps({"clip_" + k: v for k, v in metrics.items()}), flush=True)
+
+
+def train_clip_local(cfg: ClipTrainConfig) -> dict:
+    """One process without Ray, on the GPU (``use_gpu``, when one is present) or the CPU."""
     import torch
 
-    from ..utils.images import inspect_image
-    from .clip import TINY_CLIP, preprocess
+    from .clip import load_clip
 
-    def images(col):
-        if isinstance(col, torch.Tensor):
-            return col.to(device)
-        return preprocess([inspect_image(x)[0] for x in col], size).to(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    clip, size = load_clip("tiny", cfg.init, device=device)
+    clip.train()
+    _freeze_unused(clip, cfg)
+    losses, stats = _losses(clip, cfg, rng, size, device)
+    _log({"recipe": cfg.recipe, "device": device, **stats})
 
-    a, b = images(batch["a"]), images(batch["b"])
-    pages = pd.factorize(np.asarray(batch["page"]))[0]
-    same_page = torch.from_numpy(pages[:, None] == pages[None, :])
-    views = [augment(a, rng), augment(b, rng)] + ([augment(a, rng)] if cfg.instance_weight else [])
-    captions = np.asarray(batch["caption"], dtype=object)
-    has_text = np.array([bool(c) for c in captions])
-    use_text = bool(cfg.text_weight) and has_text.sum() > 1
-    text = None
-    if use_text:
-        text = tokenizer(list(captions[has_text]), context_length=TINY_CLIP["text_cfg"]["context_length"]).to(device)
-    # One forward through the (DDP-)wrapped model, so gradients are synchronised across workers.
-    feats, zt, scale = model(image=torch.cat(views), text=text)[:3]
-    za, zb, *za2 = feats.split(len(a))
-    scale = scale.clamp(max=100)
-    loss = contrastive(za, zb, scale, same_page)
-    if cfg.instance_weight:
-        loss = loss + cfg.instance_weight * contrastive(za, za2[0], scale)
-    if use_text:
-        keep = torch.from_numpy(has_text)
-        loss = loss + cfg.text_weight * contrastive(za[keep.to(device)], zt, scale, same_page[keep][:, keep])
-    return loss
+    def next_loss():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            return losses()
+
+    def snapshot(step: int) -> None:
+        save_weights(clip, cfg.output.replace(".safetensors", f"-step{step}.safetensors"))
+
+    t0 = time.time()
+    result = run_steps(clip, cfg, next_loss, _log, snapshot)
+    save_weights(clip, cfg.output)
+    return {**result, **stats, "minutes": round((time.time() - t0) / 60, 2), "output": cfg.output}
 
 
 def _loop(config: dict) -> None:
+    """A Ray Train worker: DDP over the (CPU) workers, the same loop as ``--local``."""
     import ray.train
     import torch
-    from open_clip.tokenizer import SimpleTokenizer
 
     from .clip import load_clip
 
     cfg = ClipTrainConfig(**config)
-    torch.set_num_threads(1)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rank = ray.train.get_context().get_world_rank()
     rng = np.random.default_rng([cfg.seed, rank])
-    clip, size = load_clip("tiny")
+    clip, size = load_clip("tiny", cfg.init)
     clip.train()
-    model = ray.train.torch.prepare_model(clip)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
-    tokenizer = SimpleTokenizer()
-    shard = ray.train.get_dataset_shard("train")
-    step, losses = 0, []
-    while step < cfg.steps:
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", drop_last=True,
-                                        local_shuffle_buffer_size=8 * cfg.batch_size, local_shuffle_seed=cfg.seed + step):
-            loss = pair_loss(model, cfg, rng, batch, tokenizer, size)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            losses.append(float(loss))
-            if step % cfg.report_every == 0 and step < cfg.steps:
-                if rank == 0:
-                    print(f"clip step={step} loss={np.mean(losses):.4f} lr={lr_at(cfg, step):.2e}", flush=True)
-                ray.train.report({"step": step, "loss": float(np.mean(losses))})
-                losses = []
-            if step >= cfg.steps:
-                break
+    _freeze_unused(clip, cfg)
+    # with the text loss on, a batch with under two captions still leaves the text tower out
+    unused = {"find_unused_parameters": cfg.text_weight > 0}
+    model = ray.train.torch.prepare_model(clip, parallel_strategy_kwargs=unused)
+    shard = ray.train.get_dataset_shard("train") if cfg.recipe == "pages" else None
+    losses, _ = _losses(model, cfg, rng, size, shard=shard)
+
+    def report(metrics: dict) -> None:
+        if rank == 0:
+            _log(metrics)
+        ray.train.report({"step": metrics["step"], "loss": metrics["loss"]})
+
+    result = run_steps(model, cfg, losses, report)
     with tempfile.TemporaryDirectory() as tmp:  # the weights travel as a Ray Train checkpoint, so
         checkpoint = None  # workers on other nodes and s3:// storage work alike
         if rank == 0:
-            from safetensors.torch import save_file
-
-            core = model.module if hasattr(model, "module") else model
-            save_file({k: v.detach().contiguous() for k, v in core.state_dict().items()}, os.path.join(tmp, WEIGHTS))
+            save_weights(model.module if hasattr(model, "module") else model, os.path.join(tmp, WEIGHTS))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            print(f"clip step={step} loss={np.mean(losses or [float('nan')]):.4f}", flush=True)
-        ray.train.report({"step": step, "loss": float(np.mean(losses or [float("nan")]))}, checkpoint=checkpoint)
+            _log(result)
+        ray.train.report(result, checkpoint=checkpoint)
 
 
 def train_clip(cfg: ClipTrainConfig) -> dict:
+    """Trains with ``cfg.recipe`` in one process (``cfg.local``) or as a Ray Train job; -> last step and loss."""
+    if cfg.local:
+        return train_clip_local(cfg)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..utils.images import MIN_SIDE
     from ..utils.ray_utils import init_ray
-    from .builder import check_shards, read_web_pairs, validate_records
+    from .builder import check_shards
+    from .train_clip_pages import page_dataset
 
-    files, fs, _ = check_shards(cfg.input, tolerate=True)
+    files, fs, _ = check_shards(cfg.input, tolerate=True) if cfg.recipe == "pages" else (None, None, None)
     init_ray()
-    ds = read_web_pairs(files, fs, num_cpus=0.25)
-    ds = ds.map_batches(validate_records, fn_kwargs={"min_side": MIN_SIDE}, batch_format="pandas", num_cpus=0.25)
-    ds = ds.filter(lambda r: r["page_key"] != "" and r["reason"] == "")
-    ds = ds.groupby("page_key").map_groups(page_pairs, fn_kwargs={"seed": cfg.seed}, batch_format="pandas",
-                                           num_cpus=0.25)
     trainer = TorchTrainer(
-        _loop, train_loop_config=asdict(cfg), datasets={"train": ds},
+        _loop, train_loop_config=asdict(cfg), datasets={"train": page_dataset(files, fs, cfg)} if files else None,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name="train-clip", storage_path=os.path.abspath(cfg.storage_path)),
         torch_config=TorchConfig(backend="gloo"),
@@ -216,4 +315,4 @@ def train_clip(cfg: ClipTrainConfig) -> dict:
     with result.checkpoint.as_directory() as d:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
         shutil.copyfile(os.path.join(d, WEIGHTS), cfg.output)
-    return result.metrics
+    return {"step": result.metrics["step"], "loss": result.metrics["loss"], "output": cfg.output}

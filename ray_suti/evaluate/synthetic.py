@@ -24,8 +24,8 @@ from ..world.contexts import SCENES
 from ..world.oracle import draw_case
 
 COPY_MARGIN_DB = 3.0
-# Floor on PSNR(output, demo) for a copy: above what noise (<= 10.1 dB) or a true render of another
-# context (p50 10 dB, p99 15.6 dB) gets to a demo, far below a near-copy (~38 dB at noise sigma 3).
+# Floor on PSNR(output, demo) for a copy: above what noise or a true render of another context gets
+# to a demo, far below a near-copy (calibration: docs/stages/5-evaluation.md).
 COPY_MIN_DB = 15.0
 METHODS = ("suti", "text_only", "copy_demo")
 METRICS = ("subject_psnr", "context_psnr", "background_psnr", "copy_rate")  # per method, overall and per skill
@@ -111,12 +111,12 @@ def is_copy(output: np.ndarray, demos: list[np.ndarray], gt: np.ndarray) -> bool
     """Calibrated copy-paste detection: ``output`` copies demo d when PSNR(output, d) exceeds
     PSNR(output, gt) by more than ``COPY_MARGIN_DB`` and is itself at least ``COPY_MIN_DB``.
 
-    The naive rule "closer to a demo than to the ground truth" reads 40-60% for a blurry output
-    that is about equally far from both, which is noise, not copying. Requiring a clear margin makes
-    it ~0% for text-only sampling (which never sees the demos) and ~100% for copy-a-demo. The margin
-    alone still fires on ~22% of untrained (noise) outputs: at 6-10 dB from everything, a bright
-    target (a sketch, snow) vs a mid-tone demo differs by 3-4 dB. The floor says a copy must also
-    be close to the demo in absolute terms.
+    The naive rule "closer to a demo than to the ground truth" fires for a blurry output that is
+    about equally far from both, which is noise, not copying; a clear margin separates text-only
+    sampling (which never sees the demos) from copy-a-demo. The margin alone still fires on noise
+    outputs far from everything, where a bright target (a sketch, snow) and a mid-tone demo differ
+    by a few dB; the floor says a copy must also be close to the demo in absolute terms. The
+    calibration figures: docs/stages/5-evaluation.md.
     """
     to_gt = psnr(output, gt)
     return any(p >= COPY_MIN_DB and p - to_gt > COPY_MARGIN_DB for p in (psnr(output, d) for d in demos))

@@ -103,7 +103,7 @@ def _jittered_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def _junk_image(rng: np.random.Generator, size: int) -> np.ndarray:
+def junk_image(rng: np.random.Generator, size: int) -> np.ndarray:
     """Unrelated web imagery: empty scenes, banners of random blocks, or flat logos."""
     kind = rng.integers(3)
     if kind == 0:
@@ -153,7 +153,7 @@ def generate_page(cfg: WorldConfig, page_index: int) -> list[tuple[dict, dict]]:
                 seed, ctx = train_seed(rng), sample_context(rng, jitter=cfg.jitter)
                 image, mask = render(seed, ctx, cfg.image_size)
             else:
-                seed, image, mask = -1, _junk_image(rng, cfg.image_size), None
+                seed, image, mask = -1, junk_image(rng, cfg.image_size), None
         elif rows and (kind == "dup" or rng.random() < cfg.dup_image_rate):
             seed, ctx, source, mask, _ = rows[0] if kind == "dup" else rows[int(rng.integers(len(rows)))]
             image, is_dup = _jittered_copy(source, rng), True

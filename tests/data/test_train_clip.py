@@ -1,4 +1,6 @@
-"""train-clip runs as a Ray Train job on page pairs and its weights plug into the builder."""
+"""train-clip on page pairs and rendered pages: a Ray Train job or one process; the weights plug into the builder."""
+import math
+
 import pytest
 from safetensors.torch import load_file
 
@@ -24,10 +26,39 @@ def test_train_clip_writes_weights_the_builder_loads(tmp_path, ray_local):
     assert stats["records_in"] > 0
 
 
+def test_render_recipe_runs_on_two_ray_train_workers(tmp_path, ray_local):
+    out = tmp_path / "clip.safetensors"  # DDP: the unused text tower must not stall the gradient sync
+    metrics = train_clip(ClipTrainConfig(recipe="render", output=str(out), steps=2, batch_size=8, pool_subjects=12,
+                                         views=2, refresh=2, num_workers=2, cpus_per_worker=0.5,
+                                         storage_path=str(tmp_path / "runs")))
+    assert metrics["step"] == 2 and math.isfinite(metrics["loss"])
+    load_clip("tiny", str(out), "cpu")
+
+
+def test_local_runner_trains_on_page_pairs_without_ray(tmp_path, capsys):
+    import json
+    import os
+
+    from ray_suti.cli import main
+    from ray_suti.world.crawl import write_shard
+
+    world = WorldConfig(out=str(tmp_path / "world"), pages=20, image_size=32, pages_per_shard=20, preview_pages=0)
+    for folder in ("web", "truth"):
+        os.makedirs(os.path.join(world.out, folder))
+    write_shard(world, 0)
+    out = tmp_path / "clip.safetensors"
+    assert main(["train-clip", "--local", "--input", str(tmp_path / "world" / "web"), "--output", str(out),
+                 "--steps", "2", "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n"): printed.index("\n}") + 2])
+    assert summary["step"] == 2 and summary["pairs"] >= 8 and math.isfinite(summary["loss"])
+    load_clip("tiny", str(out), "cpu")
+
+
 def test_pairs_are_two_different_valid_photos_of_one_page():
     import pandas as pd
 
-    from ray_suti.data.train_clip import page_pairs
+    from ray_suti.data.train_clip_pages import page_pairs
 
     group = pd.DataFrame({"image": [b"a", b"b", b"c", b"broken"], "caption": ["x", "IMG_1.jpg", "", ""],
                           "reason": ["", "", "", "truncated"], "page_key": ["p"] * 4})

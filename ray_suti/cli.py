@@ -74,7 +74,8 @@ def _encode(args: argparse.Namespace) -> int:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, ready=None) -> int:
+    """Until Ctrl-C; ``ready(url)`` is called once the app answers (default: a line on stderr)."""
     from .serving.app import build_app, serve_until_stopped
     from .serving.auth import CredentialsError
     from .utils.ray_utils import init_ray
@@ -88,8 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
     except CredentialsError as e:
         raise SystemExit(f"error: --host {args.host}: {e}") from None
     init_ray()
-    serve_until_stopped(app, args.host, args.port, lambda url: print(
-        f"serving {args.checkpoint} at {url}  (API docs: /docs; Ctrl-C stops)", file=sys.stderr, flush=True))
+    serve_until_stopped(app, args.host, args.port, ready or (lambda url: print(
+        f"serving {args.checkpoint} at {url}  (API docs: /docs; Ctrl-C stops)", file=sys.stderr, flush=True)))
     return 0
 
 
@@ -142,7 +143,7 @@ def _train(args: argparse.Namespace, mode: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import demo_config, keep_serving, report, run_demo
+    from .demo import demo_config, report, run_demo
     from .utils.console import Console
 
     cfg = demo_config(args.preset, args.out)
@@ -152,8 +153,13 @@ def _demo(args: argparse.Namespace) -> int:
                     + (f" (Ray's and the libraries' logs: {log})" if log else ""))
         summary = run_demo(cfg, console)
         console.say("\n" + report(cfg, summary))
-        if args.keep_serving:
-            keep_serving(summary["model"], os.path.join(cfg.out, "serve", "subjects"), args.port, console)
+        if args.keep_serving:  # `ray-suti serve` on the trained model and the demo's subject store
+            _serve(build_parser().parse_args(["serve", "--checkpoint", summary["model"], "--port", str(args.port),
+                                              "--store", os.path.join(cfg.out, "serve", "subjects"),
+                                              "--max-replicas", "1"]),
+                   ready=lambda url: console.say(f"Serving the trained model: open {url}/ (the demo's subject is "
+                                                 "listed there). Ctrl-C stops it."))
+            console.say("stopped")
     return 0
 
 

@@ -170,16 +170,6 @@ def serve_once(checkpoint: str, out_dir: str, steps: int, subject_seed: int) -> 
     return info
 
 
-def keep_serving(checkpoint: str, store: str, port: int, console: Console) -> None:
-    """The Serve app on 127.0.0.1:``port`` with the demo's subject store, until Ctrl-C."""
-    from .serving.app import build_app, serve_until_stopped
-
-    serve_until_stopped(build_app(checkpoint, store, max_replicas=1, allow_anonymous=True), "127.0.0.1", port,
-                        lambda url: console.say(f"Serving the trained model: open {url}/ (the demo's subject is "
-                                                "listed there). Ctrl-C stops it."))
-    console.say("stopped")
-
-
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Every stage, one line each on ``console`` (default: plain lines on stdout, nothing redirected)."""
     from .apprentice.job import ApprenticeConfig, run_apprentice

@@ -43,10 +43,18 @@ def dreambench_dir():
 
 
 @pytest.fixture(scope="session")
-def ray_head():
-    """A real `ray start --head` on 127.0.0.1 (2 CPUs), stopped through its own process (never
-    `ray stop`, which would end every Ray on the machine). Yields the dashboard address."""
+def ray_cluster():
+    """A real two-node cluster: `ray start --head` and one `ray start --address` worker node on
+    127.0.0.1 (2 CPUs each), stopped through their own processes (never `ray stop`, which would end
+    every Ray on the machine). Shared by the tests that submit jobs, the multi-node rehearsal's among them."""
     from ray_suti.utils.local_cluster import LocalCluster
 
     with LocalCluster(head_cpus=2) as cluster:
-        yield cluster.dashboard
+        cluster.add_worker(cpus=2)
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def ray_head(ray_cluster):
+    """The shared cluster's dashboard address, for `ray job submit --address`."""
+    return ray_cluster.dashboard

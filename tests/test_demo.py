@@ -1,4 +1,5 @@
-"""`ray-suti demo --preset smoke`: every stage end to end, as a user runs it, then a rerun that reuses them."""
+"""`ray-suti demo --preset smoke`: every stage end to end, as a user runs it, then a rerun that reuses them
+and keeps serving (`ray-suti serve` on the trained model) until Ctrl-C."""
 import json
 import os
 import signal
@@ -63,11 +64,27 @@ def test_smoke_demo_runs_every_stage_and_a_rerun_reuses_them_and_keeps_serving(t
         url = f"http://127.0.0.1:{port}"
         assert f"open {url}/" in lines[-1], "".join(lines)
         assert requests.get(f"{url}/", timeout=30).status_code == 200
-        assert len(requests.get(f"{url}/v1/subjects", timeout=30).json()["subjects"]) == 1  # the demo's subject
+        listed = requests.get(f"{url}/v1/subjects", timeout=30).json()["subjects"]
+        assert len(listed) == 1  # the demo's subject
+
+        # `--keep-serving` is `ray-suti serve`: the whole round through the CLI's client (JSON on stdout)
+        client = [sys.executable, "-m", "ray_suti.cli", "client", "--url", url]
+        run = lambda *a: json.loads(subprocess.run(client + list(a), cwd=REPO, check=True, capture_output=True,  # noqa: E731
+                                                   text=True, timeout=120).stdout)
+        demos = [str(out / "serve" / f"demo_{i}.png") for i in range(3)]
+        subject = run("register", *demos, "--caption", *["a toy"] * 3)["subject_id"]
+        made = run("generate", "a toy on a shelf", "--subject-id", subject, "--steps", "4", "--seed", "1",
+                   "--out", str(tmp_path / "toy.png"))
+        assert made["seed"] == 1 and Image.open(made["images"][0]).size == (32, 32)
+        assert {m["subject_id"] for m in run("list")["subjects"]} == {subject, listed[0]["subject_id"]}
+        assert run("delete", subject) == {"deleted": True}
     finally:
         again.send_signal(signal.SIGINT)
         rest, errors = again.communicate(timeout=120)
     assert again.returncode == 0, rest[-2000:] + errors[-2000:]
+    assert "stopped" in rest
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/healthz", timeout=5)
     assert json.loads((out / "demo.json").read_text())["seconds"] == record["seconds"]
 
 

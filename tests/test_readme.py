@@ -95,3 +95,28 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, log, timeout_s: float =
             if head.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"ray head did not start:\n{open(log).read()[-3000:]}")
             time.sleep(1)
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, dreambench_dir, monkeypatch):
+    """Only the paths change: a Stable Diffusion-shaped folder and its SuTI adapter built from the
+    tiny latent preset, and DreamBench's dog photos for dog/."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from ray_suti import SuTIPipeline
+
+    text = (REPO / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("## From Python"):], re.S).group(1)
+    suti = SuTIPipeline.from_preset("tiny-latent")
+    suti.save_pretrained(str(tmp_path / "full"))
+    suti.save_suti_adapter(str(tmp_path / "suti.safetensors"), dtype=torch.float32)
+    StableDiffusionPipeline.from_pretrained(str(tmp_path / "full"), safety_checker=None,
+                                            requires_safety_checker=False).save_pretrained(str(tmp_path / "sd"))
+    for written, ours in (("path/to/stable-diffusion-v1-5", tmp_path / "sd"),
+                          ("suti-sd15.safetensors", tmp_path / "suti.safetensors"), ("dog/", dreambench_dir / "dog2")):
+        assert f'"{written}' in code, f"the README's Python example no longer mentions {written}"
+        code = code.replace(f'"{written}', f'"{ours}/' if written.endswith("/") else f'"{ours}')
+    monkeypatch.chdir(REPO)  # the example names checkpoints/ from the repository's root
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["images"]) == 1 and scope["images"][0].size == (64, 64)

@@ -1,15 +1,19 @@
-"""The SuTI model: a plain diffusers UNet, and SuTI layers that let it attend to demonstrations."""
-import diffusers
+"""The SuTI model: a plain diffusers UNet, and SuTI layers that let it attend to demonstrations.
 
-from .inputs import SuTIInputError, load_image
-from .layers import DemoFeatures, NeighbourAttention, SuTIAttnProcessor, SuTILayers
-from .pipeline import SuTIPipeline, SuTIPipelineOutput, load_pipeline
-from .presets import PRESETS, SuTIConfig, get_preset
-from .suti import SuTIModel
+Names are imported on first use (as diffusers does), so a command that only needs the scheduler
+names or the presets does not pay for importing diffusers. Importing ``SuTIPipeline`` registers it
+with diffusers (``pipeline.py``)."""
+import importlib
 
-# So that `DiffusionPipeline.from_pretrained(folder)` finds the class a SuTI model_index.json names.
-setattr(diffusers, "SuTIPipeline", SuTIPipeline)
+_WHERE = {"SuTIInputError": "inputs", "load_image": "inputs", "DemoFeatures": "layers",
+          "NeighbourAttention": "layers", "SuTIAttnProcessor": "layers", "SuTILayers": "layers",
+          "SuTIPipeline": "pipeline", "SuTIPipelineOutput": "pipeline", "load_pipeline": "pipeline",
+          "PRESETS": "presets", "SuTIConfig": "presets", "get_preset": "presets", "SuTIModel": "suti"}
 
-__all__ = ["PRESETS", "DemoFeatures", "NeighbourAttention", "SuTIAttnProcessor", "SuTIConfig", "SuTIInputError",
-           "SuTILayers", "SuTIModel", "SuTIPipeline", "SuTIPipelineOutput", "get_preset", "load_image",
-           "load_pipeline"]
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

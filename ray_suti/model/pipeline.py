@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import diffusers
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
@@ -555,3 +556,8 @@ def load_pipeline(checkpoint: str, torch_dtype=None) -> SuTIPipeline:
     if checkpoint in PRESETS:
         return SuTIPipeline.from_preset(checkpoint)
     return SuTIPipeline.from_pretrained(checkpoint, torch_dtype=torch_dtype)
+
+
+# So that `DiffusionPipeline.from_pretrained(folder)` finds the class a SuTI model_index.json names
+# (diffusers looks `_class_name` up on its own module).
+setattr(diffusers, "SuTIPipeline", SuTIPipeline)

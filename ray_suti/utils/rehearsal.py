@@ -46,29 +46,41 @@ def _work_by_node(dashboard: str, seen: set) -> tuple[Counter, set]:
     return counts, ids
 
 
-def rehearse(out: str, pages: int = 40, train_steps: int = 4, cpus_per_node: int = 2, timeout_s: float = 900) -> dict:
+def rehearse(out: str, pages: int = 40, train_steps: int = 4, cpus_per_node: int = 2, timeout_s: float = 900,
+             cluster=None) -> dict:
+    """``cluster``: a running ``LocalCluster`` with one worker node to use (a test session's); by
+    default one is started here and stopped at the end. Paths go to the jobs as ``file://`` URIs,
+    as on a cluster with object storage and no shared file system."""
+    import contextlib
+    from pathlib import Path
+
     from ray.job_submission import JobSubmissionClient
 
     from .local_cluster import LocalCluster
 
     out = os.path.abspath(out)
+    uri = Path(out).as_uri()
     py = sys.executable
     stages = {
         "world": f"{py} {REPO}/jobs/make_world.py --out {out}/world --pages {pages} --image-size 32 "
                  f"--pages-per-shard {max(1, pages // 4)} --preview-pages 0",
-        "build_dataset": f"{py} {REPO}/jobs/build_dataset.py --input {out}/world/web --output {out}/clusters "
+        "build_dataset": f"{py} {REPO}/jobs/build_dataset.py --input {uri}/world/web --output {uri}/clusters "
                          f"--embed-concurrency 2 --clip-pretrained {REPO}/checkpoints/tiny-clip.safetensors",
-        "train": f"{py} {REPO}/jobs/pretrain.py --data {out}/world/web --num-workers 2 "
+        "train": f"{py} {REPO}/jobs/pretrain.py --data {uri}/world/web --num-workers 2 "
                  f"--placement-strategy STRICT_SPREAD --zero-stage 2 --steps {train_steps} --batch-size 4 "
-                 f"--checkpoint-every {train_steps} --report-every 1 --storage-path {out}/train --name rehearsal",
+                 f"--checkpoint-every {train_steps} --report-every 1 --storage-path {uri}/train --name rehearsal "
+                 f"--export-file {uri}/model.safetensors --export {uri}/model",
     }
-    with LocalCluster(head_cpus=cpus_per_node) as cluster:
-        cluster.add_worker(cpus=cpus_per_node)
-        head_id = next(n.node_id for n in cluster.alive_nodes() if n.is_head_node)
-        names = {n.node_id: "head" if n.node_id == head_id else "worker" for n in cluster.alive_nodes()}
+    with contextlib.ExitStack() as stack:
+        if cluster is None:
+            cluster = stack.enter_context(LocalCluster(head_cpus=cpus_per_node))
+            cluster.add_worker(cpus=cpus_per_node)
+        nodes = cluster.alive_nodes()
+        head_id = next(n.node_id for n in nodes if n.is_head_node)
+        names = {n.node_id: "head" if n.node_id == head_id else "worker" for n in nodes}
         client = JobSubmissionClient(cluster.dashboard)
-        seen: set = set()
-        result = {"nodes": {name: cpus_per_node for name in names.values()}, "stages": {}}
+        _, seen = _work_by_node(cluster.dashboard, set())  # what ran before (a shared cluster's other jobs)
+        result = {"nodes": {names[n.node_id]: int(n.resources_total.get("CPU", 0)) for n in nodes}, "stages": {}}
         for stage, entrypoint in stages.items():
             status, seconds = _submit(client, entrypoint, timeout_s)
             counts, ids = _work_by_node(cluster.dashboard, seen)

@@ -56,22 +56,30 @@ def test_loss_on_cached_inputs_equals_loss_on_the_fly(examples, tmp_path):
 
 
 @pytest.mark.slow
-def test_encode_job_resumes_and_trains_without_the_encoders(examples, tmp_path, ray_local):
+def test_encode_job_resumes_and_both_trainers_run_without_the_encoders(examples, tmp_path, ray_local):
+    """Input and output as URIs (file:// goes through the same calls as s3://)."""
+    from ray_suti.train.trainer import run_training
+
     out = tmp_path / "latents"
-    stats = run_encode(EncodeConfig(examples=str(examples), output=str(out), checkpoint="tiny-latent", batch_size=8),
-                       progress=False)
+    enc = EncodeConfig(examples=examples.as_uri(), output=out.as_uri(), checkpoint="tiny-latent", batch_size=8)
+    stats = run_encode(enc, progress=False)
     assert stats["rows"] == 24 and stats["files_already_done"] == 0
     assert sorted(os.listdir(out)) == ["encoder.json", "null_prompt.safetensors", "part-00000.parquet",
                                        "part-00001.parquet", "stats.json"]
     first = pq.read_table(out / "part-00000.parquet")
     assert first.num_rows == 12 and first.column("skipped").to_pylist() == [""] * 12
     os.remove(out / "part-00001.parquet")  # as if killed before that file was written
-    again = run_encode(EncodeConfig(examples=str(examples), output=str(out), checkpoint="tiny-latent", batch_size=8),
-                       progress=False)
+    again = run_encode(enc, progress=False)
     assert again["files_already_done"] == 1 and again["rows"] == 12
     assert pq.read_table(out / "part-00000.parquet").equals(first)
 
-    # train from the cache with the one-process runner, the encoders never called
+    # the Ray Train + DeepSpeed runner reads the cache at its URI
+    cfg = TrainConfig(latents=out.as_uri(), preset="tiny-latent", steps=2, batch_size=4, noise_repeats=1, report_every=1,
+                      checkpoint_every=2, probe_every=1000, storage_path=str(tmp_path / "ray-runs"), name="cached")
+    metrics = run_training(cfg)["metrics"]
+    assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
+
+    # the one-process runner trains from the cache with the encoders refusing to run
     script = ("import sys, torch; from ray_suti.train import local; from diffusers import AutoencoderKL; "
               "from transformers import CLIPTextModel\n"
               "def refuse(*a, **k): raise AssertionError('an encoder ran')\n"
@@ -88,20 +96,6 @@ def test_encode_job_resumes_and_trains_without_the_encoders(examples, tmp_path, 
     photos = [pq.read_table(examples / "part-00000.parquet").column("demo_images")[0].as_py()[0]]
     image = pipe("a toy on the beach", photos, num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
-
-
-@pytest.mark.slow
-def test_ray_trainer_runs_from_a_cache_at_a_uri(examples, tmp_path, ray_local):
-    """The Ray Train + DeepSpeed runner reads the cache (through file://, as it would s3://)."""
-    from ray_suti.train.trainer import run_training
-
-    out = (tmp_path / "latents").as_uri()
-    run_encode(EncodeConfig(examples=examples.as_uri(), output=out, checkpoint="tiny-latent", batch_size=8),
-               progress=False)
-    cfg = TrainConfig(latents=out, preset="tiny-latent", steps=2, batch_size=4, noise_repeats=1, report_every=1,
-                      checkpoint_every=2, probe_every=1000, storage_path=str(tmp_path / "runs"), name="cached")
-    metrics = run_training(cfg)["metrics"]
-    assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
 
 
 def test_cache_of_another_model_is_refused(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ray_suti.utils.images import encode_png
 
-from ..conftest import REPO, free_port
+from ..conftest import REPO
 from .conftest import AS_A, AS_B, CHECKPOINT, KEY_A, generate, photos, register
 
 pytestmark = pytest.mark.slow
@@ -432,46 +432,3 @@ def test_config_file_is_a_valid_serve_config_whose_import_path_builds():
     production = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.production.yaml").read_text()))
     assert production.applications[0].import_path == app.import_path
     assert production.applications[0].args["num_gpus"] == 1 and production.applications[0].args["max_replicas"] > 2
-
-
-def test_serve_command_starts_the_api_and_stops_on_ctrl_c(tmp_path, dreambench_dir):
-    """`ray-suti serve --checkpoint --port` in its own process and its own local Ray."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # never join a cluster another test started
-    cmd = [sys.executable, "-m", "ray_suti.cli", "serve", "--checkpoint", CHECKPOINT, "--port", str(port),
-           "--store", str(tmp_path / "subjects"), "--max-replicas", "1"]
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/v1/model", timeout=5).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):  # the proxy or the model is still starting
-                pass
-            time.sleep(2)
-        client = [sys.executable, "-m", "ray_suti.cli", "client", "--url", url]  # the CLI's client, JSON on stdout
-        run = lambda *a: json.loads(subprocess.run(client + list(a), cwd=REPO, check=True, capture_output=True,  # noqa: E731
-                                                   text=True, timeout=120).stdout)
-        subject = run("register", str(dreambench_dir / "clock"), "--caption", *["a clock"] * 5)["subject_id"]
-        made = run("generate", "a clock on a shelf", "--subject-id", subject, "--steps", "4", "--seed", "1",
-                   "--out", str(tmp_path / "clock.png"))
-        assert made["seed"] == 1 and Image.open(made["images"][0]).size == (32, 32)
-        assert [m["subject_id"] for m in run("list")["subjects"]] == [subject]
-        assert run("delete", subject) == {"deleted": True}
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
-        with pytest.raises(requests.ConnectionError):
-            requests.get(f"{url}/healthz", timeout=5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)

@@ -90,6 +90,9 @@ class Stages:
             if os.path.exists(done):
                 line.finish(f"{self.record['figures'].get(name, done)} (reused)", 0)
                 return
+            from .utils.ray_utils import init_ray
+
+            init_ray()  # at the first stage that runs: a rerun that reuses every stage needs no Ray
             start = time.time()
             result = fn()
             if not os.path.exists(done):
@@ -178,7 +181,6 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     from .evaluate.dreambench import DreamBenchConfig, evaluate_dreambench
     from .evaluate.synthetic import SyntheticEvalConfig, evaluate_synthetic
     from .train.trainer import run_training
-    from .utils.ray_utils import init_ray
     from .world import heldout_seeds
     from .world.crawl import WorldConfig, generate_world
 
@@ -190,7 +192,6 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
              *(["evaluate dreambench"] if use_dreambench else []), "serve"]
     stages = Stages(cfg, names, console or Console(None))
     p = stages.path
-    init_ray()
     stages.run("world", p("world", "world.json"), lambda: generate_world(
         WorldConfig(out=p("world"), pages=cfg.pages, seed=cfg.seed, image_size=32, preview_pages=6)),
         lambda stats: f"{stats['pages']} web pages, {stats['records']} image-text pairs "

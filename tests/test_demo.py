@@ -1,5 +1,5 @@
-"""`ray-suti demo --preset smoke`: every stage end to end, as a user runs it, then a rerun that reuses them
-and keeps serving (`ray-suti serve` on the trained model) until Ctrl-C."""
+"""`ray-suti demo --preset smoke --keep-serving`: every stage end to end, as a user runs it, then
+`ray-suti serve` on the trained model until Ctrl-C; a rerun reuses every stage."""
 import json
 import os
 import signal
@@ -26,42 +26,16 @@ ENV = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, as on a newcomer's 
 
 
 @pytest.mark.slow
-def test_smoke_demo_runs_every_stage_and_a_rerun_reuses_them_and_keeps_serving(tmp_path):
-    out = tmp_path / "demo"
-    first = subprocess.run(demo_command(out), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    record = json.loads((out / "demo.json").read_text())
-    assert list(record["seconds"]) == STAGES  # in pipeline order, each really ran
-    # One line per stage with its key figure; Ray's and the libraries' output in the log file only.
-    for i, stage in enumerate(STAGES):
-        assert f"[{i + 1}/{len(STAGES)}] {stage}" in first.stdout and record["figures"][stage] in first.stdout
-    assert "dB vs" in record["figures"]["evaluate synthetic"] and "web pages" in record["figures"]["world"]
-    assert "| suti |" in first.stdout and "Served one request" in first.stdout
-    assert len(first.stdout.splitlines()) < 60 and first.stderr == "", first.stderr[-2000:]
-    log = (out / "logs" / "demo.log").read_text()
-    assert "Started a local Ray instance" in log and "Started a local Ray instance" not in first.stdout
-    assert "(pid=" not in first.stdout and "(pid=" in log  # the workers' output, forwarded by Ray
-    assert (out / "world" / "preview.png").exists() and (out / "clusters" / "stats.json").exists()
-    assert any((out / "apprentice" / "examples").glob("*.parquet"))
-    for model in ("base", "suti"):
-        assert (out / "models" / f"{model}.safetensors").stat().st_size > 1_000_000
-    results = json.loads((out / "eval" / "results.json").read_text())
-    assert results["config"]["checkpoint"].endswith("suti.safetensors") and results["methods"]["suti"]["n"] == 4
-    assert Image.open(out / "serve" / "generated.png").size == (32, 32)
-    assert Image.open(out / "serve" / "contact.png").width > 4 * 128  # three photos and the drawing
-    assert json.loads((out / "serve" / "request.json").read_text())["png_bytes"] > 0
-
-    port = free_port()
-    again = subprocess.Popen(demo_command(out, "--keep-serving", "--port", str(port)), cwd=REPO, env=ENV,
+def test_smoke_demo_runs_every_stage_keeps_serving_and_a_rerun_reuses_them(tmp_path):
+    out, port = tmp_path / "demo", free_port()
+    first = subprocess.Popen(demo_command(out, "--keep-serving", "--port", str(port)), cwd=REPO, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url, lines = f"http://127.0.0.1:{port}", []
     try:
-        lines = []
-        for line in again.stdout:  # every stage reused, then the page's URL
+        for line in first.stdout:  # every stage, the report, then the page's URL
             lines.append(line)
             if "open http://" in line:
                 break
-        assert all(f"{stage}" in "".join(lines) for stage in STAGES) and "".join(lines).count("(reused)") == len(STAGES)
-        url = f"http://127.0.0.1:{port}"
         assert f"open {url}/" in lines[-1], "".join(lines)
         assert requests.get(f"{url}/", timeout=30).status_code == 200
         listed = requests.get(f"{url}/v1/subjects", timeout=30).json()["subjects"]
@@ -79,13 +53,42 @@ def test_smoke_demo_runs_every_stage_and_a_rerun_reuses_them_and_keeps_serving(t
         assert {m["subject_id"] for m in run("list")["subjects"]} == {subject, listed[0]["subject_id"]}
         assert run("delete", subject) == {"deleted": True}
     finally:
-        again.send_signal(signal.SIGINT)
-        rest, errors = again.communicate(timeout=120)
-    assert again.returncode == 0, rest[-2000:] + errors[-2000:]
+        first.send_signal(signal.SIGINT)
+        rest, errors = first.communicate(timeout=120)
+    stdout = "".join(lines) + rest
+    assert first.returncode == 0, stdout[-3000:] + errors[-3000:]
     assert "stopped" in rest
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
+
+    record = json.loads((out / "demo.json").read_text())
+    assert list(record["seconds"]) == STAGES  # in pipeline order, each really ran
+    # One line per stage with its key figure; Ray's and the libraries' output in the log file only.
+    for i, stage in enumerate(STAGES):
+        assert f"[{i + 1}/{len(STAGES)}] {stage}" in stdout and record["figures"][stage] in stdout
+    assert "dB vs" in record["figures"]["evaluate synthetic"] and "web pages" in record["figures"]["world"]
+    assert "| suti |" in stdout and "Served one request" in stdout
+    assert len(stdout.splitlines()) < 60 and errors == "", errors[-2000:]
+    log = (out / "logs" / "demo.log").read_text()
+    assert "Started a local Ray instance" in log and "Started a local Ray instance" not in stdout
+    assert "(pid=" not in stdout and "(pid=" in log  # the workers' output, forwarded by Ray
+    assert (out / "world" / "preview.png").exists() and (out / "clusters" / "stats.json").exists()
+    assert any((out / "apprentice" / "examples").glob("*.parquet"))
+    for model in ("base", "suti"):
+        assert (out / "models" / f"{model}.safetensors").stat().st_size > 1_000_000
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["config"]["checkpoint"].endswith("suti.safetensors") and results["methods"]["suti"]["n"] == 4
+    assert Image.open(out / "serve" / "generated.png").size == (32, 32)
+    assert Image.open(out / "serve" / "contact.png").width > 4 * 128  # three photos and the drawing
+    assert json.loads((out / "serve" / "request.json").read_text())["png_bytes"] > 0
+
+    # a rerun (after a crash, or to see the report again) reuses every stage and starts no Ray
+    again = subprocess.run(demo_command(out), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert all(stage in again.stdout for stage in STAGES) and again.stdout.count("(reused)") == len(STAGES)
     assert json.loads((out / "demo.json").read_text())["seconds"] == record["seconds"]
+    appended = (out / "logs" / "demo.log").read_text()[len(log):]  # the log is appended to
+    assert "Started a local Ray instance" not in appended
 
 
 def test_a_folder_of_another_run_is_refused(tmp_path):

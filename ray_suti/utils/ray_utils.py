@@ -6,17 +6,22 @@ import os
 import ray
 
 # One thread per process: on these 2-core machines a 2-thread torch process stalls in libgomp
-# barriers, and two 1-thread workers use both cores (see README, "Threads").
+# barriers, and two 1-thread workers use both cores (docs/NOTES.md, "Machine").
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``) or start an embedded one."""
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``) or start an embedded one.
+
+    The thread settings go into this process's environment, which an embedded Ray's workers
+    inherit; on a cluster Ray gives each task and actor floor(num_cpus) OpenMP threads (at least
+    one). No job-level runtime_env: with one, no prestarted worker fits the job, so every task and
+    actor waits for a new worker process, and a job submitted with its own runtime_env would clash."""
     if ray.is_initialized():
         return
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    kwargs = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": True}
+    kwargs = {"log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(num_cpus=num_cpus)
     ray.init(**kwargs)

@@ -17,7 +17,6 @@ def _submit(client, entrypoint: str, timeout_s: float) -> tuple[str, float]:
     """Submits a job, waits for it; -> (status, seconds). Raises with the job's log tail on failure."""
     from ray.job_submission import JobStatus
 
-    # No job runtime_env: the jobs' own init_ray sets the workers' env_vars, and Ray refuses to merge two.
     job = client.submit_job(entrypoint=entrypoint)
     start = time.time()
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):

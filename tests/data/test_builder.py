@@ -113,17 +113,30 @@ def _to_webdataset(parquet_dir: Path, tar_path: Path) -> int:
     return len(rows)
 
 
-def test_webdataset_tars_build_the_same_clusters_as_parquet(built, tmp_path):
+def test_webdataset_tars_build_the_same_clusters_and_a_model_captioner_rewrites_kept_captions(built, tmp_path):
+    """One build of the same crawl as tars, with a (tiny) model captioner, output as a URI."""
+    from tests.data.test_captions import save_tiny_captioner
+
     cfg, stats, clusters, _ = built
     (tmp_path / "tars").mkdir()
     _to_webdataset(Path(cfg.input), tmp_path / "tars" / "00000.tar")
-    tar_cfg = BuildConfig(input=str(tmp_path / "tars"), output=f"file://{tmp_path}/out")  # output as a URI
+    words = save_tiny_captioner(tmp_path / "git")
+    tar_cfg = BuildConfig(input=str(tmp_path / "tars"), output=f"file://{tmp_path}/out", captioner=str(tmp_path / "git"))
     tar_stats = build_dataset(tar_cfg)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clusters", "clusters.png", "stats.json"]
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == json.loads(json.dumps(tar_stats))
     assert (tmp_path / "out" / "clusters.png").stat().st_size > 0
-    by_id = lambda t: {r["cluster_id"]: (r["kept"], r["drop_reason"], sorted(r["keys"])) for r in t.to_pylist()}  # noqa: E731
-    assert by_id(pq.read_table(tmp_path / "out" / "clusters")) == by_id(clusters)
+    rows = pq.read_table(tmp_path / "out" / "clusters").to_pylist()
+    by_id = lambda rs: {r["cluster_id"]: (r["kept"], r["drop_reason"], sorted(r["keys"])) for r in rs}  # noqa: E731
+    assert by_id(rows) == by_id(clusters.to_pylist())
     assert tar_stats["records_in"] == stats["records_in"] and tar_stats["records_skipped"] == stats["records_skipped"]
+    alt = {r["cluster_id"]: r for r in clusters.to_pylist()}
+    assert any(r["kept"] for r in rows)
+    for r in rows:  # kept clusters get the captioner's words, one caption per image; the rest keep theirs
+        if r["kept"]:
+            assert len(r["captions"]) == len(r["images"]) and all(c and set(c.split()) <= words for c in r["captions"])
+        else:
+            assert r["captions"] == alt[r["cluster_id"]]["captions"]
 
 
 def test_bad_tar_shards_fail_naming_the_file(tmp_path):
@@ -142,25 +155,6 @@ def test_bad_tar_shards_fail_naming_the_file(tmp_path):
         check_shards(str(tmp_path), tolerate=False)
     with pytest.raises(ValueError, match="no readable web-pairs shards"):  # skipped, and nothing left
         check_shards(str(tmp_path), tolerate=True)
-
-
-def test_model_captioner_rewrites_kept_captions(built, tmp_path):
-    from tests.data.test_captions import save_tiny_captioner
-
-    cfg, _, clusters, _ = built
-    words = save_tiny_captioner(tmp_path / "git")
-    cap_cfg = BuildConfig(input=cfg.input, output=f"file://{tmp_path}/out", captioner=str(tmp_path / "git"))
-    build_dataset(cap_cfg)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clusters", "clusters.png", "stats.json"]
-    alt = {r["cluster_id"]: r for r in clusters.to_pylist()}
-    rows = pq.read_table(tmp_path / "out" / "clusters").to_pylist()
-    kept = [r for r in rows if r["kept"]]
-    assert kept and {r["cluster_id"] for r in kept} == {k for k, r in alt.items() if r["kept"]}
-    for r in kept:
-        assert len(r["captions"]) == len(r["images"]) and all(c and set(c.split()) <= words for c in r["captions"])
-    for r in rows:
-        if not r["kept"]:
-            assert r["captions"] == alt[r["cluster_id"]]["captions"]
 
 
 def test_unknown_captioner_fails_before_any_work(built, tmp_path):

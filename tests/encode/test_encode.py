@@ -2,8 +2,6 @@
 job writes whole files, resumes, and training runs from its output without either encoder."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -56,7 +54,8 @@ def test_loss_on_cached_inputs_equals_loss_on_the_fly(examples, tmp_path):
 
 
 @pytest.mark.slow
-def test_encode_job_resumes_and_both_trainers_run_without_the_encoders(examples, tmp_path, ray_local):
+def test_encode_job_resumes_and_both_trainers_run_without_the_encoders(examples, tmp_path, ray_local, monkeypatch,
+                                                                       capsys):
     """Input and output as URIs (file:// goes through the same calls as s3://)."""
     from ray_suti.train.trainer import run_training
 
@@ -80,17 +79,22 @@ def test_encode_job_resumes_and_both_trainers_run_without_the_encoders(examples,
     assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
 
     # the one-process runner trains from the cache with the encoders refusing to run
-    script = ("import sys, torch; from ray_suti.train import local; from diffusers import AutoencoderKL; "
-              "from transformers import CLIPTextModel\n"
-              "def refuse(*a, **k): raise AssertionError('an encoder ran')\n"
-              "AutoencoderKL.encode = refuse; CLIPTextModel.forward = refuse\n"
-              "sys.exit(local.main(sys.argv[1:]))")
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from ray_suti.train import local
+
+    def refuse(*a, **k):
+        raise AssertionError("an encoder ran")
+
     export = tmp_path / "model"
-    run = subprocess.run([sys.executable, "-c", script, "--latents", str(out), "--preset", "tiny-latent", "--steps", "3",
-                          "--batch-size", "4", "--probe-every", "0", "--loader-workers", "0", "--storage-path",
-                          str(tmp_path / "runs"), "--export", str(export)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    steps = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"step"')]
+    with monkeypatch.context() as m:
+        m.setattr(AutoencoderKL, "encode", refuse)
+        m.setattr(CLIPTextModel, "forward", refuse)
+        assert local.main(["--latents", str(out), "--preset", "tiny-latent", "--steps", "3", "--batch-size", "4",
+                           "--probe-every", "0", "--loader-workers", "0", "--storage-path", str(tmp_path / "runs"),
+                           "--export", str(export)]) == 0
+    steps = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"step"')]
     assert steps[-1]["step"] == 3 and np.isfinite(steps[-1]["loss"])
     pipe = SuTIPipeline.from_pretrained(str(export))  # and the trained latent model samples
     photos = [pq.read_table(examples / "part-00000.parquet").column("demo_images")[0].as_py()[0]]

@@ -41,13 +41,16 @@ def good_records(files) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="package")
-def catalogue_kb(ray_local, crawl, tmp_path_factory):
-    """The crawl plus a catalogue of held-out subjects under made-up names, in one KB."""
+def catalogue_kb(ray_local, kb_path, tmp_path_factory):
+    """The crawl plus a catalogue of held-out subjects under made-up names, in one KB: a copy of the
+    crawl's KB with the catalogue indexed into it."""
+    import shutil
+
     from ray_suti.world.catalogue import CatalogueConfig, write_catalogue
 
     out = tmp_path_factory.mktemp("catalogue")
     entries = write_catalogue(CatalogueConfig(out=str(out / "catalogue"), num_subjects=8, image_size=32))
     path = str(out / "kb")
-    for source in (str(crawl), str(out / "catalogue" / "web")):
-        run_index(IndexConfig(input=source, output=path))
+    shutil.copytree(kb_path, path)
+    run_index(IndexConfig(input=str(out / "catalogue" / "web"), output=path))
     return path, entries

@@ -18,13 +18,6 @@ def numbers(tree):
     return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
-def test_importing_the_script_imports_no_ray():
-    code = f"import sys, bench.gpu_sd15; print([m for m in {NOT_IMPORTED!r} if m in sys.modules])"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
-
-
 def test_cpu_smoke_run_measures_every_section(tmp_path):
     out = tmp_path / "gpu_sd15.json"
     cmd = [sys.executable, "bench/gpu_sd15.py", "--preset", "tiny-latent", "--steps", "2", "--sample-steps", "2",
@@ -35,7 +28,7 @@ def test_cpu_smoke_run_measures_every_section(tmp_path):
     result = json.loads(out.read_text())
     assert result["preset"] == "tiny-latent" and result["device"] == "cpu" and result["dtype"] == "fp32"
     assert all(n > 0 for n in result["parameters"].values())
-    assert result["imported"] == {m: False for m in NOT_IMPORTED}
+    assert result["imported"] == {m: False for m in NOT_IMPORTED}  # after the whole run, so not on import either
     for name in SECTIONS:
         section = result["sections"][name]
         assert "error" not in section and "skipped" not in section, (name, section)

@@ -1,7 +1,5 @@
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -76,36 +74,37 @@ def test_refused_inputs_say_why():
         load_image(good[: len(good) // 2])
 
 
-def test_generate_command_writes_a_png(tmp_path, dreambench_dir):
+def test_generate_command_writes_a_png(tmp_path, dreambench_dir, capsys):
+    from ray_suti.cli import main
+
     out = tmp_path / "dog.png"
-    proc = subprocess.run([sys.executable, "-m", "ray_suti.cli", "generate", "--checkpoint", "tiny-32",
-                           "--subject", str(dreambench_dir / "dog2"), "--prompt", "a dog on the beach",
-                           "--out", str(out), "--steps", "2", "--seed", "1", "--device", "cpu", "--dtype", "bf16",
-                           "--scheduler", "euler-a", "--guidance-mode", "interleaved", "--guidance-subject", "2.5",
-                           "--negative-prompt", "blurry", "--json"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout) == {"images": [str(out)], "seed": 1, "prompt": "a dog on the beach"}  # stdout: results
+    assert main(["generate", "--checkpoint", "tiny-32", "--subject", str(dreambench_dir / "dog2"), "--prompt",
+                 "a dog on the beach", "--out", str(out), "--steps", "2", "--seed", "1", "--device", "cpu", "--dtype",
+                 "bf16", "--scheduler", "euler-a", "--guidance-mode", "interleaved", "--guidance-subject", "2.5",
+                 "--negative-prompt", "blurry", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == {"images": [str(out)], "seed": 1, "prompt": "a dog on the beach"}  # stdout: results
     assert Image.open(out).size == (32, 32)
-    assert "first 5 of 6" in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "ray_suti.cli", "generate", "--checkpoint", "tiny-32", "--subject",
-                          str(dreambench_dir / "dog2"), "--prompt", "a dog", "--out", str(out), "--scheduler",
-                          "os.system"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    assert "first 5 of 6" in printed.err
+    with pytest.raises(SystemExit) as bad:
+        main(["generate", "--checkpoint", "tiny-32", "--subject", str(dreambench_dir / "dog2"), "--prompt", "a dog",
+              "--out", str(out), "--scheduler", "os.system"])
+    assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_generate_command_takes_controls(tmp_path, dreambench_dir):
+    from ray_suti.cli import main
+
     from ..conftest import REPO
 
     outline = Image.new("L", (32, 32))
     outline.paste(255, (4, 4, 28, 5))
     outline.save(tmp_path / "edges.png")
-    base = [sys.executable, "-m", "ray_suti.cli", "generate", "--subject", str(dreambench_dir / "dog2" / "00.jpg"),
-            "--prompt", "a dog on the beach", "--steps", "2", "--box", "0.1", "0.3", "0.6", "0.9",
-            "--keypoints", "0.35", "0.3", "0.6", "0.6", "--edges", str(tmp_path / "edges.png")]
-    ok = subprocess.run(base + ["--checkpoint", str(REPO / "checkpoints" / "tiny-32.safetensors"),
-                                "--out", str(tmp_path / "c.png")], capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    base = ["generate", "--subject", str(dreambench_dir / "dog2" / "00.jpg"), "--prompt", "a dog on the beach",
+            "--steps", "2", "--box", "0.1", "0.3", "0.6", "0.9", "--keypoints", "0.35", "0.3", "0.6", "0.6",
+            "--edges", str(tmp_path / "edges.png")]
+    assert main(base + ["--checkpoint", str(REPO / "checkpoints" / "tiny-32.safetensors"),
+                        "--out", str(tmp_path / "c.png")]) == 0
     assert Image.open(tmp_path / "c.png").size == (32, 32)
-    refused = subprocess.run(base + ["--checkpoint", "tiny-32", "--out", str(tmp_path / "n.png")],
-                             capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "no 'box' control" in refused.stderr
+    with pytest.raises(SystemExit, match="no 'box' control"):
+        main(base + ["--checkpoint", "tiny-32", "--out", str(tmp_path / "n.png")])

@@ -24,10 +24,11 @@ def url(ray_local, kb_path, tmp_path_factory):
     port, store = free_port(), str(tmp_path_factory.mktemp("subjects"))
     tenants = tmp_path_factory.mktemp("tenant-kbs")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, allow_anonymous=True, knowledge_base=kb_path),
-              name="kb", route_prefix="/")
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, allow_anonymous=True,
-                        knowledge_base=str(tenants / "{tenant}")), name="per-tenant", route_prefix="/tenant")
+    serve.run_many([  # deployed together: the replicas start side by side
+        serve.RunTarget(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, allow_anonymous=True,
+                            knowledge_base=kb_path), name="kb", route_prefix="/"),
+        serve.RunTarget(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, allow_anonymous=True,
+                            knowledge_base=str(tenants / "{tenant}")), name="per-tenant", route_prefix="/tenant")])
     yield f"http://127.0.0.1:{port}", tenants
     serve.shutdown()
 

@@ -42,20 +42,23 @@ def url(ray_local, tmp_path_factory, small_store, main_store):
     store = str(main_store)
     keys = tmp_path_factory.mktemp("secrets") / "api-keys.json"
     keys.write_text(json.dumps({KEY_A: "acme", KEY_B: "globex", KEY_C: "initech"}))
-    # Half a CPU per model replica: four apps share the 2-CPU test cluster.
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, max_body_bytes=2_000_000,
-                        allow_anonymous=True), name="suti", route_prefix="/")
-    # Two tenants, two subjects each at most, a model that takes one request at a time and queues one.
-    serve.run(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, api_keys_file=str(keys), max_subjects=2,
-                        max_batch_size=1, max_queued_requests=1), name="locked", route_prefix="/locked")
-    # Checkpoint and subject store as URIs (file:// goes through the same calls as s3://); a feature
-    # cache that holds one two-photo subject.
-    serve.run(build_app((REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), small_store.as_uri(), max_replicas=1,
-                        num_cpus=0.5, cache_bytes=subject_cache_bytes(2), scheduler="dpm++", allow_anonymous=True),
-              name="small", route_prefix="/small")
-    # A latent model (tiny VAE) in bfloat16, as a GPU replica would run: demos VAE-encoded, the same API.
-    serve.run(build_app("tiny-latent", store, max_replicas=1, num_cpus=0.25, allow_anonymous=True, dtype="bf16"),
-              name="latent", route_prefix="/latent")
+    # Half a CPU per model replica: four apps share the 2-CPU test cluster. Deployed together
+    # (serve.run_many): their replicas start side by side, not one app after another.
+    serve.run_many([
+        serve.RunTarget(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, max_body_bytes=2_000_000,
+                            allow_anonymous=True), name="suti", route_prefix="/"),
+        # Two tenants, two subjects each at most, a model that takes one request at a time and queues one.
+        serve.RunTarget(build_app(CHECKPOINT, store, max_replicas=1, num_cpus=0.5, api_keys_file=str(keys), max_subjects=2,
+                            max_batch_size=1, max_queued_requests=1), name="locked", route_prefix="/locked"),
+        # Checkpoint and subject store as URIs (file:// goes through the same calls as s3://); a feature
+        # cache that holds one two-photo subject.
+        serve.RunTarget(build_app((REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), small_store.as_uri(),
+                            max_replicas=1, num_cpus=0.5, cache_bytes=subject_cache_bytes(2), scheduler="dpm++",
+                            allow_anonymous=True), name="small", route_prefix="/small"),
+        # A latent model (tiny VAE) in bfloat16, as a GPU replica would run: demos VAE-encoded, the same API.
+        serve.RunTarget(build_app("tiny-latent", store, max_replicas=1, num_cpus=0.25, allow_anonymous=True, dtype="bf16"),
+                  name="latent", route_prefix="/latent"),
+    ])
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 

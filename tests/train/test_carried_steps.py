@@ -1,5 +1,5 @@
 """A run from a checkpoint counts its steps on from the checkpoint's (a dataset smaller than a batch
-per worker: test_zero3_ema.py)."""
+per worker: test_fault_tolerance.py)."""
 import pytest
 
 from ray_suti.train.config import TrainConfig

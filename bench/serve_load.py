@@ -1,10 +1,12 @@
 """Load and faults on the Serve app, 127.0.0.1 only, bounded in requests and time.
 
-    .venv/bin/python bench/serve_load.py [--requests 96 --clients 16 --steps 10]
+    .venv/bin/python bench/serve_load.py [--requests 96 --clients 16 --steps 25 --rounds 2]
 
 In one run, on one local Ray (2 CPUs here):
 1. throughput, p50/p95/p99 latency and the largest batch reached (goal: max_batch_size, 8) with 16
-   clients a replica: 1 replica with batching, 1 replica without, 2 replicas with (goal >= 1.8x of 1);
+   clients a replica: 1 replica with batching, 1 replica without, 2 replicas with (goal >= 1.8x of
+   1), 1 and 2 replicas alternating for ``--rounds``; with the share of the wall each replica spent
+   denoising and the seconds of denoising an image (where a shortfall from 2x comes from);
 2. overload: 1 replica queueing 4 requests, 32 clients: the share answered 503 (with Retry-After)
    and the count of any other 5xx (goal: none);
 3. autoscaling: min 1 / max 2 replicas, load until a second replica is up, then idle until it goes;
@@ -45,7 +47,7 @@ class Load:
         self.url, self.subjects, self.steps = url, subjects, steps
         self.total, self.deadline = total, time.time() + deadline_s
         self.latencies, self.codes, self.sent, self.lock, self.stop = [], [], 0, threading.Lock(), threading.Event()
-        self.batch_rows, self.retry_after = [], []
+        self.batch_rows, self.retry_after, self.sampling_share = [], [], []
         self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
 
     def client(self, i: int) -> None:
@@ -58,11 +60,12 @@ class Load:
             body = {"prompt": "a photo on the beach", "subject_id": self.subjects[n % len(self.subjects)],
                     "steps": self.steps, "seed": n}
             t0 = time.perf_counter()
-            rows = retry = None
+            rows = retry = timings = None
             try:
                 r = requests.post(f"{self.url}/v1/generate", json=body, timeout=120)
                 code = r.status_code
-                rows = r.json()["timings"]["batch_rows"] if code == 200 else None
+                timings = r.json()["timings"] if code == 200 else None
+                rows = timings and timings["batch_rows"]
                 retry = r.headers.get("Retry-After") if code == 503 else None
             except requests.RequestException:
                 code = 0
@@ -70,6 +73,8 @@ class Load:
                 self.latencies.append(time.perf_counter() - t0)
                 self.codes.append(code)
                 self.batch_rows += [rows] if rows else []
+                # a batch's sampling seconds shared by its rows: summed, the replicas' time spent denoising
+                self.sampling_share += [timings["sampling_s"] / rows] if timings else []
                 self.retry_after += [retry] if code == 503 else []
 
     def run(self, block: bool = True) -> "Load":
@@ -85,7 +90,7 @@ class Load:
             t.join()
         self.wall = time.perf_counter() - self.t0
 
-    def summary(self) -> dict:
+    def summary(self, replicas: int = 1) -> dict:
         lat = np.array(self.latencies) * 1000
         ok = sum(c == 200 for c in self.codes)
         return {"requests": len(self.codes), "ok_rate": round(ok / max(1, len(self.codes)), 4),
@@ -93,6 +98,8 @@ class Load:
                 "busy_503_rate": round(sum(c == 503 for c in self.codes) / max(1, len(self.codes)), 4),
                 "busy_with_retry_after": all(r and r.isdigit() for r in self.retry_after),
                 "other_5xx": sum(c >= 500 and c != 503 for c in self.codes), "failed_connections": self.codes.count(0),
+                "sampling_s_per_image": round(float(np.mean(self.sampling_share)), 4) if self.sampling_share else None,
+                "replicas_busy_denoising": round(sum(self.sampling_share) / (self.wall * replicas), 3),
                 **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}}
 
 
@@ -135,7 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps a request (the API's default)")
+    parser.add_argument("--rounds", type=int, default=2, help="1- and 2-replica throughput phases, alternating")
     parser.add_argument("--checkpoint", default="checkpoints/tiny-32.safetensors")
     parser.add_argument("--out", default="runs/bench-serve/results.json")
     parser.add_argument("--phases", default="throughput,overload,autoscaling,faults",
@@ -174,20 +182,31 @@ def throughput(args, deploy, results: dict) -> None:
 
     # 1. throughput and latency, the same offered load per replica (clients and requests scale with
     # replicas: 16 clients on one replica keep a batch drawing and the next one filling; 16 shared by
-    # two would leave each replica idle between its batches, which measures the clients, not Serve)
-    for name, kw, scale in (("r1_batch", dict(min_replicas=1, max_replicas=1), 1),
-                            ("r1_nobatch", dict(min_replicas=1, max_replicas=1, max_batch_size=1), 1),
-                            ("r2_batch", dict(min_replicas=2, max_replicas=2), 2)):
+    # two would leave each replica idle between its batches, which measures the clients, not Serve).
+    # 1 and 2 replicas alternate for --rounds rounds: this machine's speed drifts by ~10% over minutes,
+    # which one pair of phases minutes apart would read as scaling.
+    configs = {"r1_batch": (dict(min_replicas=1, max_replicas=1), 1),
+               "r1_nobatch": (dict(min_replicas=1, max_replicas=1, max_batch_size=1), 1),
+               "r2_batch": (dict(min_replicas=2, max_replicas=2), 2)}
+    order = ["r1_batch", "r1_nobatch", "r2_batch"] + ["r1_batch", "r2_batch"] * (args.rounds - 1)
+    runs: dict = {name: [] for name in configs}
+    for name in order:
+        kw, scale = configs[name]
         app_url = deploy(name, **kw)
         subjects = register(app_url, 3)
         Load(app_url, subjects, 2, 4, args.steps, 120).run()  # warm-up: feature caches, first-call costs
-        results[name] = Load(app_url, subjects, scale * args.clients, scale * args.requests, args.steps,
-                             300).run().summary()
-        print(name, results[name], flush=True)
+        runs[name].append(Load(app_url, subjects, scale * args.clients, scale * args.requests, args.steps,
+                               300).run().summary(replicas=scale))
+        print(name, runs[name][-1], flush=True)
         serve.delete(name)
+    for name, summaries in runs.items():
+        results[name] = summaries[0] if len(summaries) == 1 else {"rounds": summaries}
+    rps = {name: [r["throughput_rps"] for r in summaries] for name, summaries in runs.items()}
     results["ratios"] = {
-        "batching_vs_not_throughput": round(results["r1_batch"]["throughput_rps"] / results["r1_nobatch"]["throughput_rps"], 3),
-        "two_vs_one_replica_throughput": round(results["r2_batch"]["throughput_rps"] / results["r1_batch"]["throughput_rps"], 3)}
+        "batching_vs_not_throughput": round(rps["r1_batch"][0] / rps["r1_nobatch"][0], 3),
+        # the ratio of the summed rates (each round's pair weighs the same), and each round's own
+        "two_vs_one_replica_throughput": round(sum(rps["r2_batch"]) / sum(rps["r1_batch"]), 3),
+        "two_vs_one_by_round": [round(two / one, 3) for one, two in zip(rps["r1_batch"], rps["r2_batch"])]}
 
 
 def overload(args, deploy, results: dict) -> None:

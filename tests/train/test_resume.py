@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -46,10 +47,11 @@ def test_killed_run_resumes_exactly_where_it_stopped(tmp_path):
     os.makedirs(tmp_path / "data")
     for shard in range(3):  # 3 files of 10 rows: batches cross files and epochs
         write_oracle_shard(OracleConfig(out=str(tmp_path / "data"), examples=30, examples_per_shard=10), shard)
-    whole = _train(tmp_path, "whole")
+    with ThreadPoolExecutor(2) as pool:  # one thread each: the two runs side by side use both cores
+        running = pool.submit(_train, tmp_path, "whole")
+        before = _train(tmp_path, "killed", kill_at_step=6)  # checkpoint 4 written, steps 5-6 lost
+        whole = running.result()
     assert sorted(whole) == list(range(1, 11))
-
-    before = _train(tmp_path, "killed", kill_at_step=6)  # checkpoint 4 written, steps 5-6 lost
     checkpoint = tmp_path / "runs" / "killed" / "checkpoint_0000004"
     assert (checkpoint / "optimizer.safetensors").exists() and not (tmp_path / "runs" / "killed" / "checkpoint_0000008").exists()
     state = json.loads((checkpoint / "state.json").read_text())

@@ -1,4 +1,7 @@
 import os
+import signal
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,14 +23,56 @@ def pytest_report_header(config):
     return f"DreamBench sample: {'found at ' + str(DREAMBENCH) if found else 'ABSENT (' + str(DREAMBENCH) + '): its tests skip'}"
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The tests on the two-node cluster run last, together, so it lives only while they run (a
+    session fixture ends with the session; idle, its two nodes still cost ~0.07 cores)."""
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))  # stable: order kept otherwise
+
+
+@dataclass
+class EarlyRun:
+    process: subprocess.Popen
+    folder: Path  # where it writes, its stdout.txt and stderr.txt included
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_runs(request, tmp_path_factory):
+    """Slow, self-contained runs started with the session: a test module's ``start_early(folder)``
+    (a Popen of a command, its output to files in ``folder``) when one of its tests asks for
+    ``early_run``. They run at the lowest CPU priority (nice 19, inherited by everything they start,
+    Ray's workers too), so they use the share of the two cores the rest of the suite leaves idle;
+    their tests join them where they stand. Whatever still runs at the end is stopped."""
+    runs = {}
+    for item in request.session.items:
+        module = getattr(item, "module", None)
+        if "early_run" in getattr(item, "fixturenames", ()) and module.__name__ not in runs:
+            folder = tmp_path_factory.mktemp(module.__name__.rsplit(".", 1)[-1])
+            runs[module.__name__] = EarlyRun(module.start_early(folder), folder)
+    yield runs
+    for run in runs.values():
+        if run.process.poll() is None:
+            os.killpg(run.process.pid, signal.SIGKILL)
+
+
+def lowest_cpu_priority():
+    """A Popen ``preexec_fn`` for early runs (see ``early_runs``)."""
+    os.nice(19)
+
+
+@pytest.fixture
+def early_run(request, early_runs) -> EarlyRun:
+    return early_runs[request.module.__name__]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray for the whole session, stopped by its own handle at the end."""
+    """One embedded Ray for the whole session, stopped by its own handle at the end. No dashboard:
+    no test reads it (metrics come from the node's agent), and it would poll all session long."""
     import ray
 
     from ray_suti.utils.ray_utils import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=2, dashboard=False)
     yield ray
     ray.shutdown()
 

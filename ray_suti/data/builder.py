@@ -265,6 +265,8 @@ def read_web_pairs(files: list[str], fs, num_cpus: float | None = None):
     task (reads are IO-bound: a fraction leaves cores to training workers)."""
     import ray.data
 
+    from ..utils.ray_utils import read_parquet
+
     tars = [f for f in files if f.endswith(".tar")]
     groups: dict[ParquetPlan, list[str]] = {}
     for f in files:  # footers only, read again here: check_shards hands on paths. Its checks passed, so
@@ -273,7 +275,7 @@ def read_web_pairs(files: list[str], fs, num_cpus: float | None = None):
             groups.setdefault(_check_parquet(fs, f, has_tar=True), []).append(f)
     parts = []
     for plan, paths in groups.items():  # one read per layout: shards of one crawl share it
-        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus).select_columns(list(plan.columns))
+        ds = read_parquet(paths, filesystem=fs, num_cpus=num_cpus).select_columns(list(plan.columns))
         if plan.kind == "pairs":
             parts.append(ds.map_batches(_pairs_from_contract, batch_format="pyarrow", num_cpus=num_cpus))
         else:
@@ -380,10 +382,11 @@ def recaption(source: str, target: str, cfg: BuildConfig) -> None:
     """A second pass over the written clusters with the model captioner, ``source`` -> ``target``.
     Separate from the first, so its actors never hold CPUs while the CLIP actors still need them (on
     a small cluster the two pools together starved the reads and the job stalled)."""
-    import ray.data
     from ray.data import ActorPoolStrategy
 
-    ds = ray.data.read_parquet(source)
+    from ..utils.ray_utils import read_parquet
+
+    ds = read_parquet(source)
     ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={"spec": cfg.captioner, "use_gpu": cfg.num_gpus > 0},
                         batch_size=16, compute=ActorPoolStrategy(size=cfg.caption_concurrency), num_gpus=cfg.num_gpus,
                         batch_format="pandas")

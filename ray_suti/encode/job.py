@@ -125,11 +125,10 @@ def write_reference(cfg: EncodeConfig) -> dict:
 
 
 def run_encode(cfg: EncodeConfig, progress: bool = True) -> dict:
-    import ray.data
     from ray.data import ActorPoolStrategy
     from ..utils.progress import bar as progress_bar
 
-    from ..utils.ray_utils import init_ray
+    from ..utils.ray_utils import init_ray, read_parquet
 
     from ..model.pipeline import resolve_checkpoint
 
@@ -148,7 +147,7 @@ def run_encode(cfg: EncodeConfig, progress: bool = True) -> dict:
         controls = [c for c in CONTROL_COLUMNS if c in pq.read_schema(fs.open_input_file(todo[0])).names]
         schema = output_schema(controls)
         scheme = cfg.examples.split("://")[0] + "://" if storage.is_uri(cfg.examples) else ""
-        ds = ray.data.read_parquet([scheme + p for p in todo], include_paths=True).select_columns([
+        ds = read_parquet([scheme + p for p in todo], include_paths=True).select_columns([
             "example_id", "demo_images", "demo_captions", "target_image", "target_prompt", *controls, "path"])
         ds = ds.map_batches(LatentEncoder, fn_constructor_args=(cfg,), batch_size=cfg.batch_size, batch_format="numpy",
                             compute=ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.num_gpus or None)

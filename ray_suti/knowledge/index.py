@@ -107,13 +107,12 @@ def read_meta(kb: str) -> dict | None:
 def run_index(cfg: IndexConfig) -> dict:
     """Embeds the input files not indexed yet and adds them to the KB; returns its kb.json."""
     import lancedb
-    import ray.data
     from ray.data import ActorPoolStrategy
 
     from ..data.builder import check_shards, read_web_pairs
     from ..data.clip import default_shifts
     from ..utils.progress import bar as progress_bar
-    from ..utils.ray_utils import init_ray, pool_actor_cpus
+    from ..utils.ray_utils import init_ray, pool_actor_cpus, read_parquet
 
     meta = read_meta(cfg.output)
     clip = {"clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained,
@@ -128,7 +127,7 @@ def run_index(cfg: IndexConfig) -> dict:
         return meta
     init_ray()
     if is_clusters(new, fs):
-        ds = ray.data.read_parquet([f for f in new if f.endswith(".parquet")], filesystem=fs)
+        ds = read_parquet([f for f in new if f.endswith(".parquet")], filesystem=fs)
         ds = ds.map_batches(cluster_entries, batch_format="pandas")
     else:
         ds = read_web_pairs(new, fs, num_cpus=0.25)

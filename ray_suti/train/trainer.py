@@ -59,11 +59,10 @@ def prepared_ahead(dataset, cfg: TrainConfig):
 
 def run_training(cfg: TrainConfig, command: str = "") -> dict:
     """Fits on the Ray cluster in RAY_ADDRESS (or an embedded one); returns a summary."""
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..utils.ray_utils import init_ray
+    from ..utils.ray_utils import init_ray, read_parquet
     from .loop import train_loop_per_worker
     from .step import continued_step, training_data
 
@@ -74,7 +73,7 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
     init_ray()
     cfg = with_absolute_paths(cfg)
     folder, names = training_data(cfg)
-    dataset = ray.data.read_parquet(folder, num_cpus=cfg.data_cpus).select_columns(names)
+    dataset = read_parquet(folder, num_cpus=cfg.data_cpus).select_columns(names)
     if not cfg.decode_in_worker:
         dataset = prepared_ahead(dataset, cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}

@@ -8,23 +8,53 @@ import ray
 # One thread per process: on these 2-core machines a 2-thread torch process stalls in libgomp
 # barriers, and two 1-thread workers use both cores (docs/NOTES.md, "Machine").
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Ray kills a worker idle for 1 s beyond one per CPU, so the next task or stage pays for a new
+# process (~2 s of CPU: Python, Ray, then the task's imports); an embedded Ray keeps them 20 s.
+EMBEDDED_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 20_000}
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Join the cluster in RAY_ADDRESS (as under ``ray job submit``) or start an embedded one.
 
     The thread settings go into this process's environment, which an embedded Ray's workers
     inherit; on a cluster Ray gives each task and actor floor(num_cpus) OpenMP threads (at least
     one). No job-level runtime_env: with one, no prestarted worker fits the job, so every task and
-    actor waits for a new worker process, and a job submitted with its own runtime_env would clash."""
+    actor waits for a new worker process, and a job submitted with its own runtime_env would clash.
+    An embedded Ray (one machine) keeps idle workers for reuse (``EMBEDDED_SYSTEM_CONFIG``) and runs
+    no preemption watcher beside a Ray Train run: nothing preempts one machine."""
     if ray.is_initialized():
         return
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     kwargs = {"log_to_driver": True}
-    if not os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address:
         kwargs.update(num_cpus=num_cpus)
+    if address in ("", "local"):  # a new Ray on this machine, started by this process
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by Train's controller, a worker
+        kwargs.update(_system_config=EMBEDDED_SYSTEM_CONFIG, include_dashboard=None if dashboard else False)
     ray.init(**kwargs)
+
+
+def read_parquet(paths, **kwargs):
+    """``ray.data.read_parquet`` with its pool of footer-reading actors sized to the cluster.
+
+    Ray Data plans every Parquet read with 32 actors (a process each) that read the files'
+    footers, whatever the number of files: sized for wide clusters over object stores, it is
+    dozens of processes per read on a small one. Here one per cluster CPU, at most Ray's 32; a
+    user's own ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` wins. Ray reads it when the read is planned,
+    in this process."""
+    import ray.data
+
+    if FOOTER_ACTORS_ENV in os.environ:
+        return ray.data.read_parquet(paths, **kwargs)
+    init_ray()
+    os.environ[FOOTER_ACTORS_ENV] = str(max(1, min(32, int(ray.cluster_resources().get("CPU", 1)))))
+    try:
+        return ray.data.read_parquet(paths, **kwargs)
+    finally:
+        del os.environ[FOOTER_ACTORS_ENV]
 
 
 def pool_actor_cpus(pool_size: int) -> float:

@@ -34,6 +34,12 @@ class EarlyRun:
     process: subprocess.Popen
     folder: Path  # where it writes, its stdout.txt and stderr.txt included
 
+    def join(self, timeout: float = 1500) -> str:
+        """Waits for it to end; its stdout. Fails with the end of its stderr unless it exited 0."""
+        code = self.process.wait(timeout=timeout)
+        assert code == 0, f"exit {code}: " + (self.folder / "stderr.txt").read_text()[-3000:]
+        return (self.folder / "stdout.txt").read_text()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def early_runs(request, tmp_path_factory):
@@ -54,9 +60,12 @@ def early_runs(request, tmp_path_factory):
             os.killpg(run.process.pid, signal.SIGKILL)
 
 
-def lowest_cpu_priority():
-    """A Popen ``preexec_fn`` for early runs (see ``early_runs``)."""
-    os.nice(19)
+def start_early_command(command: list, folder: Path, **popen) -> subprocess.Popen:
+    """An early run's process (see ``early_runs``): at nice 19, its own process group, its output in
+    ``folder``/stdout.txt and stderr.txt."""
+    with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
+        return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True,
+                                preexec_fn=lambda: os.nice(19), **popen)
 
 
 @pytest.fixture
@@ -91,7 +100,8 @@ def dreambench_dir():
 def ray_cluster():
     """A real two-node cluster: `ray start --head` and one `ray start --address` worker node on
     127.0.0.1 (2 CPUs each), stopped through their own processes (never `ray stop`, which would end
-    every Ray on the machine). Shared by the tests that submit jobs, the multi-node rehearsal's among them."""
+    every Ray on the machine). For the tests that submit jobs to a running cluster (the rehearsal starts
+    its own: it runs early, see ``early_runs``)."""
     from ray_suti.utils.local_cluster import LocalCluster
 
     with LocalCluster(head_cpus=2) as cluster:

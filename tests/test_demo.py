@@ -13,7 +13,7 @@ from PIL import Image
 from ray_suti.demo import PRESETS, Stages, demo_config
 from ray_suti.utils.console import Console
 
-from .conftest import REPO, free_port, lowest_cpu_priority
+from .conftest import REPO, free_port, start_early_command
 
 STAGES = ["world", "build_dataset", "pretrain", "apprentice", "train", "evaluate synthetic", "serve"]
 
@@ -28,16 +28,13 @@ ENV = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, as on a newcomer's 
 def start_early(folder):
     """The first run, every stage from nothing, started with the session at the lowest CPU priority
     (tests/conftest.py, ``early_runs``); the test below joins it."""
-    with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
-        return subprocess.Popen(demo_command(folder / "demo"), cwd=REPO, env=ENV, stdout=out, stderr=err,
-                                start_new_session=True, preexec_fn=lowest_cpu_priority)
+    return start_early_command(demo_command(folder / "demo"), folder, env=ENV)
 
 
 @pytest.mark.slow
 def test_smoke_demo_runs_every_stage_keeps_serving_and_a_rerun_reuses_them(tmp_path, early_run):
-    out = early_run.folder / "demo"
-    assert early_run.process.wait(timeout=1500) == 0, (early_run.folder / "stderr.txt").read_text()[-3000:]
-    stdout, errors = ((early_run.folder / f).read_text() for f in ("stdout.txt", "stderr.txt"))
+    out, stdout = early_run.folder / "demo", early_run.join()
+    errors = (early_run.folder / "stderr.txt").read_text()
     record = json.loads((out / "demo.json").read_text())
     assert list(record["seconds"]) == STAGES  # in pipeline order, each really ran
     # One line per stage with its key figure; Ray's and the libraries' output in the log file only.

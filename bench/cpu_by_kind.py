@@ -1,0 +1,90 @@
+"""CPU seconds by kind of process while a command runs: where a test suite's or a demo's CPU goes.
+
+    python bench/cpu_by_kind.py [--out runs/cpu-by-kind.txt] -- make test
+
+Polls /proc every half second; a process counts from its start (its CPU before the first poll
+included) to the last poll that saw it, so processes shorter than a poll are missed. Kinds: Ray
+actors and workers by their title (``ray::TrainController``, ``ray::IDLE`` for a worker that ran
+tasks or none), Ray's daemons by name, ``pytest``, ``cli: <subcommand>``, else the program's name.
+Prints the table (and writes it to ``--out``): seconds, processes, kind.
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import time
+
+DAEMONS = {"gcs_server": "gcs_server", "raylet/raylet": "raylet", "dashboard/dashboard.py": "dashboard",
+           "ray-dashboard-": "dashboard-module", "dashboard/agent.py": "dashboard-agent",
+           "log_monitor": "log_monitor", "runtime_env/agent": "runtime_env_agent"}
+
+
+def kind(cmdline: str) -> str:
+    title = re.match(r"(ray::[A-Za-z_]+)", cmdline)
+    if title:
+        return title.group(1)
+    for needle, name in DAEMONS.items():
+        if needle in cmdline:
+            return name
+    if "ray_suti.cli" in cmdline or "ray-suti" in cmdline:
+        words = cmdline.split()
+        at = next((i for i, w in enumerate(words) if w.endswith(("ray_suti.cli", "ray-suti"))), 0)
+        return "cli: " + " ".join(words[at + 1:at + 2])
+    if "pytest" in cmdline:
+        return "pytest"
+    return os.path.basename(cmdline.split()[0])[:30] if cmdline.strip() else "?"
+
+
+def poll(seen: dict, me: int, first: bool = False) -> None:
+    """seen: (pid, start time) -> [CPU ticks at first sight, latest CPU ticks, kind]."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmdline = f.read().replace("\0", " ")
+        except OSError:
+            continue  # it ended meanwhile
+        ticks, key = int(fields[11]) + int(fields[12]), (pid, fields[19])
+        if key not in seen:  # processes already running at the start count from there
+            seen[key] = [ticks if first else 0, ticks, kind(cmdline)]
+        else:
+            seen[key][1] = ticks
+            if cmdline:  # a Ray worker's title changes once it runs an actor
+                seen[key][2] = kind(cmdline)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+    seen: dict = {}
+    poll(seen, os.getpid(), first=True)
+    start, process = time.time(), subprocess.Popen(command)
+    while process.poll() is None:
+        time.sleep(0.5)
+        poll(seen, os.getpid())
+    hz, seconds, count = os.sysconf("SC_CLK_TCK"), collections.Counter(), collections.Counter()
+    for first, last, name in seen.values():
+        seconds[name] += (last - first) / hz
+        count[name] += 1
+    lines = [f"{time.time() - start:.0f} s wall, {sum(seconds.values()):.1f} s CPU in all, exit {process.returncode}"]
+    lines += [f"{s:8.1f} s {count[k]:5d}  {k}" for k, s in seconds.most_common(args.top)]
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    sys.exit(process.returncode)
+
+
+if __name__ == "__main__":
+    main()

@@ -45,9 +45,10 @@ class EarlyRun:
 def early_runs(request, tmp_path_factory):
     """Slow, self-contained runs started with the session: a test module's ``start_early(folder)``
     (a Popen of a command, its output to files in ``folder``) when one of its tests asks for
-    ``early_run``. They run at the lowest CPU priority (nice 19, inherited by everything they start,
-    Ray's workers too), so they use the share of the two cores the rest of the suite leaves idle;
-    their tests join them where they stand. Whatever still runs at the end is stopped."""
+    ``early_run``. They run beside the tests, in a session of their own (so, with Linux's autogroup
+    scheduling, with a share of the cores equal to the rest of the suite's), and fill the share of
+    the two cores the rest leaves idle; their tests join them where they stand. Whatever still runs
+    at the end is stopped."""
     runs = {}
     for item in request.session.items:
         module = getattr(item, "module", None)
@@ -61,31 +62,10 @@ def early_runs(request, tmp_path_factory):
 
 
 def start_early_command(command: list, folder: Path, **popen) -> subprocess.Popen:
-    """An early run's process (see ``early_runs``): at the lowest CPU priority, its own process
-    group, its output in ``folder``/stdout.txt and stderr.txt."""
+    """An early run's process (see ``early_runs``): its own session and process group, its output in
+    ``folder``/stdout.txt and stderr.txt."""
     with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
-        return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True,
-                                preexec_fn=_lowest_priority, **popen)
-
-
-# A small CPU weight for everything an early run starts: 64 against 1,024 for each session at nice 0.
-# Nice alone is not enough: Linux's autogroup scheduling (on here) gives every session an equal share
-# whatever its processes' nice, and `ray start` and Ray's job drivers each begin a new session. A
-# cgroup holds every descendant. Where none can be made (not root, no cgroup v1 cpu controller), nice.
-EARLY_CGROUP, EARLY_CPU_SHARES = Path("/sys/fs/cgroup/cpu/ray-suti-early-runs"), 64
-
-
-def _lowest_priority() -> None:
-    """In the child, after its new session began."""
-    os.nice(19)
-    for path, value in ((EARLY_CGROUP / "cpu.shares", EARLY_CPU_SHARES), (EARLY_CGROUP / "cgroup.procs", os.getpid()),
-                        (Path("/proc/self/autogroup"), 19)):
-        try:
-            if path.parent == EARLY_CGROUP:
-                EARLY_CGROUP.mkdir(exist_ok=True)
-            path.write_text(str(value))
-        except OSError:
-            pass
+        return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True, **popen)
 
 
 @pytest.fixture
@@ -120,8 +100,7 @@ def dreambench_dir():
 def ray_cluster():
     """A real two-node cluster: `ray start --head` and one `ray start --address` worker node on
     127.0.0.1 (2 CPUs each), stopped through their own processes (never `ray stop`, which would end
-    every Ray on the machine). For the tests that submit jobs to a running cluster (the rehearsal starts
-    its own: it runs early, see ``early_runs``)."""
+    every Ray on the machine). Shared by the tests that submit jobs, the multi-node rehearsal's among them."""
     from ray_suti.utils.local_cluster import LocalCluster
 
     with LocalCluster(head_cpus=2) as cluster:

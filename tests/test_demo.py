@@ -26,7 +26,7 @@ ENV = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, as on a newcomer's 
 
 
 def start_early(folder):
-    """The first run, every stage from nothing, started with the session at the lowest CPU priority
+    """The first run, every stage from nothing, started with the session beside the other tests
     (tests/conftest.py, ``early_runs``); the test below joins it."""
     return start_early_command(demo_command(folder / "demo"), folder, env=ENV)
 

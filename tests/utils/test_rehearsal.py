@@ -1,31 +1,19 @@
-"""The multi-node rehearsal, `python -m ray_suti.utils.rehearsal`, on a two-node cluster of its own:
-real jobs submitted to the head, every path a file:// URI as on a cluster with object storage; each
-stage's work lands on both nodes."""
+"""The multi-node rehearsal on the tests' two-node cluster: real jobs submitted to the head, every
+path a file:// URI as on a cluster with object storage; each stage's work lands on both nodes."""
 import json
-import os
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
 from ray_suti import SuTIPipeline
-
-from ..conftest import start_early_command
+from ray_suti.utils.rehearsal import rehearse
 
 pytestmark = pytest.mark.slow
 
 
-def start_early(folder):
-    """The whole rehearsal, started with the session at the lowest CPU priority (tests/conftest.py,
-    ``early_runs``); the test below joins it."""
-    command = [sys.executable, "-m", "ray_suti.utils.rehearsal", "--out", str(folder / "rehearsal"), "--pages", "20",
-               "--train-steps", "2", "--json", str(folder / "result.json")]
-    return start_early_command(command, folder, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-
-
-def test_every_stage_runs_work_on_both_nodes(early_run):
-    early_run.join()
-    out, result = early_run.folder / "rehearsal", json.loads((early_run.folder / "result.json").read_text())
+def test_every_stage_runs_work_on_both_nodes(tmp_path, ray_cluster):
+    out = tmp_path / "rehearsal"
+    result = rehearse(str(out), pages=20, train_steps=2, cluster=ray_cluster)
     assert result["nodes"] == {"head": 2, "worker": 2}
     for stage in ("world", "build_dataset", "train"):
         info = result["stages"][stage]

@@ -94,6 +94,7 @@ def test_a_killed_job_rerun_equals_a_clean_run(tmp_path, ray_head):
     import subprocess
     import sys
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     write_clusters(tmp_path / "clusters", 6)
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -128,9 +129,9 @@ def test_a_killed_job_rerun_equals_a_clean_run(tmp_path, ray_head):
     job("stop", "apprentice-interrupted")  # at once: a status call first let a loaded machine finish the run
     assert "was stopped" in job("status", "apprentice-interrupted").stdout  # the kill had not ended the job
     assert len(_statuses(status_dir)) < 6  # stopped midway
-    for out in (first, tmp_path / "clean"):  # finish the interrupted run; a clean run beside it
-        proc = submit(out)
-        assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with ThreadPoolExecutor(2) as pool:  # finish the interrupted run; a clean run beside it, at the same time
+        for proc in pool.map(submit, (first, tmp_path / "clean")):
+            assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
     stats = json.loads((first / "stats.json").read_text())
     assert stats["clusters_done"] == 6 and stats["clusters_already_done"] >= 2
     assert not [p for p in first.rglob("*.tmp*")]  # a write cut short by the kill was cleaned up

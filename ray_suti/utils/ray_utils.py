@@ -27,13 +27,15 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
         return
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
+    from ray._private.services import canonicalize_bootstrap_address  # Ray's own answer: join or start
+
     kwargs = {"log_to_driver": True}
     address = os.environ.get("RAY_ADDRESS", "")
-    if not address:
-        kwargs.update(num_cpus=num_cpus)
-    if address in ("", "local"):  # a new Ray on this machine, started by this process
+    # No address joins the cluster `ray start` left on this machine, if any; "local" always starts one.
+    if address == "local" or canonicalize_bootstrap_address(address or None) is None:  # a new Ray, ours
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by Train's controller, a worker
-        kwargs.update(_system_config=EMBEDDED_SYSTEM_CONFIG, include_dashboard=None if dashboard else False)
+        kwargs.update(num_cpus=num_cpus, _system_config=EMBEDDED_SYSTEM_CONFIG,
+                      include_dashboard=None if dashboard else False)
     ray.init(**kwargs)
 
 

@@ -26,9 +26,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/ray-suti demo
 
-# pytest exits 5 when it collects no test: that is not a failure of the suite.
+# Two lanes on two xdist workers (see tests/conftest.py): the tests sharing the session's Ray one
+# after another, the rest beside them. pytest exits 5 when it collects no test: not a failure.
 test: setup browser
-	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,6 +1,7 @@
 import os
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,70 @@ def pytest_report_header(config):
     return f"DreamBench sample: {'found at ' + str(DREAMBENCH) if found else 'ABSENT (' + str(DREAMBENCH) + '): its tests skip'}"
 
 
+# Lanes for `make test` (`pytest -n 2`, two xdist workers; see pytest_xdist_make_scheduler).
+# The modules that start no Ray at all run beside the Ray tests (a test here that starts Ray fails):
+WITHOUT_RAY = ("tests/model/", "tests/apprentice/test_dreambooth.py", "tests/apprentice/test_prompts.py",
+               "tests/bench/", "tests/data/test_captions.py", "tests/data/test_records.py",
+               "tests/data/test_train_clip_render.py", "tests/data/test_urls.py", "tests/serving/test_store.py",
+               "tests/test_client.py", "tests/test_cluster_config.py", "tests/test_dockerfiles.py",
+               "tests/test_k8s_manifests.py", "tests/train/test_adapter_only.py", "tests/train/test_data.py",
+               "tests/train/test_loop.py", "tests/train/test_memory.py", "tests/train/test_resume.py",
+               "tests/train/test_zero3_ema.py", "tests/utils/test_publish.py", "tests/utils/test_storage.py",
+               "tests/world/test_controls.py")
+# The tests on the two-node cluster (`ray_cluster`), a lane of their own beside the session's Ray:
+ON_THE_CLUSTER = ("tests/utils/test_rehearsal.py::test_every_stage_runs_work_on_both_nodes",
+                  "tests/apprentice/test_job.py::test_a_killed_job_rerun_equals_a_clean_run")
+
+
+def lane(nodeid: str) -> str:
+    """"ray" (one after another, on the session's Ray), "cluster", or the test's own id (anywhere)."""
+    if nodeid.split("[")[0] in ON_THE_CLUSTER:
+        return "cluster"
+    return nodeid if nodeid.startswith(WITHOUT_RAY) else "ray"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-scope scheduling with the lanes as scopes: a scope runs on one worker, in order,
+    the largest first. So one worker runs the Ray lane from the start, and the other the cluster's
+    tests and then the rest, on the share of the two cores the Ray lane leaves idle. (xdist's own
+    `--dist loadgroup` marks scopes by renaming a test's node id, which pytest 9.2 ignores.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    if config.getvalue("dist") != "load":  # another --dist asked for
+        return None
+
+    class LaneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane(nodeid)
+
+    return LaneScheduling(config, log)
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The tests on the two-node cluster run last, together, so it lives only while they run (a
-    session fixture ends with the session; idle, its two nodes still cost ~0.07 cores)."""
-    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))  # stable: order kept otherwise
+    """The cluster's tests run last (without xdist, its nodes then live only while they run; idle
+    they still cost ~0.07 cores), and the Ray lane's first test starts the early runs."""
+    items.sort(key=lambda item: "ray_cluster" in item.fixturenames)  # stable: order kept otherwise
+    for item in items:
+        on_the_cluster = "ray_cluster" in item.fixturenames
+        if on_the_cluster != (lane(item.nodeid) == "cluster"):
+            raise pytest.UsageError(f"{item.nodeid}: list it in ON_THE_CLUSTER exactly when it uses ray_cluster")
+        if lane(item.nodeid) == "ray" and "early_runs" not in item.fixturenames:
+            item.fixturenames.append("early_runs")
+
+
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def _without_ray_holds(request):
+    """A WITHOUT_RAY module runs beside the Ray lane: it must not start a Ray of its own."""
+    before = _ray_is_up()
+    yield
+    if request.node.nodeid.startswith(WITHOUT_RAY) and _ray_is_up() and not before:
+        pytest.fail(f"{request.node.nodeid} is listed in WITHOUT_RAY but started Ray")
 
 
 @dataclass
@@ -41,9 +102,9 @@ class EarlyRun:
         return (self.folder / "stdout.txt").read_text()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def early_runs(request, tmp_path_factory):
-    """Slow, self-contained runs started with the session: a test module's ``start_early(folder)``
+    """Slow, self-contained runs started with the Ray lane: a test module's ``start_early(folder)``
     (a Popen of a command, its output to files in ``folder``) when one of its tests asks for
     ``early_run``. They run beside the tests, in a session of their own (so, with Linux's autogroup
     scheduling, with a share of the cores equal to the rest of the suite's), and fill the share of

@@ -1,8 +1,9 @@
 """Multi-node rehearsal on one machine: a head and a worker node (`ray start` on 127.0.0.1, each with
 its own resources), then the real jobs submitted to the head as a user would (`ray job submit`):
-world -> build_dataset (2 CLIP actors) -> pretraining with 2 Ray Train workers placed STRICT_SPREAD
-(one per node, DeepSpeed ZeRO-2 over gloo). Ray's state API says which node ran each task and actor,
-so the result shows that every stage used both nodes."""
+world, then its two consumers side by side as on a shared cluster: build_dataset (2 CLIP actors) and
+pretraining with 2 Ray Train workers placed STRICT_SPREAD (one per node, DeepSpeed ZeRO-2 over gloo).
+Ray's state API says which job and node ran each task and actor, so the result shows that every
+stage used both nodes."""
 from __future__ import annotations
 
 import os
@@ -13,36 +14,34 @@ from collections import Counter
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _submit(client, entrypoint: str, timeout_s: float) -> tuple[str, float]:
-    """Submits a job, waits for it; -> (status, seconds). Raises with the job's log tail on failure."""
+def _wait(client, job: str, entrypoint: str, timeout_s: float) -> dict:
+    """Waits for a submitted job; -> its status, seconds and Ray job id. Raises with the job's log
+    tail on failure."""
     from ray.job_submission import JobStatus
 
-    job = client.submit_job(entrypoint=entrypoint)
     start = time.time()
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         if time.time() - start > timeout_s:
             client.stop_job(job)
             raise TimeoutError(f"job {entrypoint!r} ran over {timeout_s} s")
-        time.sleep(2)
+        time.sleep(0.5)
     if status != JobStatus.SUCCEEDED:
         raise RuntimeError(f"job {entrypoint!r} {status}:\n{client.get_job_logs(job)[-3000:]}")
-    return str(status), round(time.time() - start, 1)
+    info = client.get_job_info(job)
+    return {"status": str(status), "seconds": round((info.end_time - info.start_time) / 1000, 1), "job_id": info.job_id}
 
 
-def _work_by_node(dashboard: str, seen: set) -> tuple[Counter, set]:
-    """Tasks and actors not in ``seen``, counted per node id."""
+def _work_by_job_and_node(dashboard: str) -> Counter:
+    """Tasks and actors counted per (Ray job id, node id)."""
     from ray.util.state import list_actors, list_tasks
 
-    counts, ids = Counter(), set()
-    for kind, items in (("task", list_tasks(address=dashboard, limit=10000, raise_on_missing_output=False)),
-                        ("actor", list_actors(address=dashboard, limit=10000, raise_on_missing_output=False))):
+    counts = Counter()
+    for items in (list_tasks(address=dashboard, limit=10000, raise_on_missing_output=False),
+                  list_actors(address=dashboard, limit=10000, raise_on_missing_output=False)):
         for item in items:
-            key = (kind, item.task_id if kind == "task" else item.actor_id)
-            if key in seen or not item.node_id:
-                continue
-            ids.add(key)
-            counts[item.node_id] += 1
-    return counts, ids
+            if item.node_id:
+                counts[item.job_id, item.node_id] += 1
+    return counts
 
 
 def rehearse(out: str, pages: int = 40, train_steps: int = 4, cpus_per_node: int = 2, timeout_s: float = 900,
@@ -78,14 +77,15 @@ def rehearse(out: str, pages: int = 40, train_steps: int = 4, cpus_per_node: int
         head_id = next(n.node_id for n in nodes if n.is_head_node)
         names = {n.node_id: "head" if n.node_id == head_id else "worker" for n in nodes}
         client = JobSubmissionClient(cluster.dashboard)
-        _, seen = _work_by_node(cluster.dashboard, set())  # what ran before (a shared cluster's other jobs)
         result = {"nodes": {names[n.node_id]: int(n.resources_total.get("CPU", 0)) for n in nodes}, "stages": {}}
-        for stage, entrypoint in stages.items():
-            status, seconds = _submit(client, entrypoint, timeout_s)
-            counts, ids = _work_by_node(cluster.dashboard, seen)
-            seen |= ids
-            result["stages"][stage] = {"status": status, "seconds": seconds,
-                                       "tasks_and_actors_per_node": {names.get(n, n): c for n, c in counts.items()}}
+        for wave in (["world"], ["build_dataset", "train"]):  # the world first; its two readers side by side
+            jobs = {stage: client.submit_job(entrypoint=stages[stage]) for stage in wave}
+            for stage, job in jobs.items():
+                result["stages"][stage] = _wait(client, job, stages[stage], timeout_s)
+        counts = _work_by_job_and_node(cluster.dashboard)
+        for info in result["stages"].values():
+            info["tasks_and_actors_per_node"] = {names.get(node, node): n for (job_id, node), n in counts.items()
+                                                 if job_id == info["job_id"]}
     return result
 
 

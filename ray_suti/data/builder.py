@@ -136,6 +136,7 @@ class BuildConfig:
     captioner: str = field(default="alt", metadata={"help": "alt (clean the alt text) or a transformers image-to-text model folder (path or URI)"})
     caption_concurrency: int = field(default=1, metadata={"help": "captioning actors (model captioner)"})
     tolerate_bad_shards: bool = field(default=False, metadata={"help": "skip unreadable shards with a warning"})
+    shuffle_partitions: int = field(default=0, metadata={"help": "partitions of the group-by-page shuffle (0: one per input shard, at least one per cluster CPU)"})
 
 
 def _check_parquet(fs, path: str, has_tar: bool = False) -> ParquetPlan:
@@ -393,6 +394,15 @@ def recaption(source: str, target: str, cfg: BuildConfig) -> None:
     ds.write_parquet(target)
 
 
+def shuffle_partitions(cfg: BuildConfig, shards: int) -> int:
+    """A partition holds about a shard's worth of pages (so its memory is bounded as the crawl grows),
+    and every CPU gets one. Ray Data's default, 200 whatever the size, spends a small crawl's time
+    on empty partitions."""
+    import ray
+
+    return cfg.shuffle_partitions or max(shards, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def build_dataset(cfg: BuildConfig) -> dict:
 
     from ray.data import ActorPoolStrategy
@@ -411,7 +421,8 @@ def build_dataset(cfg: BuildConfig) -> dict:
                         batch_size=cfg.embed_batch_size, compute=ActorPoolStrategy(size=cfg.embed_concurrency),
                         num_cpus=pool_actor_cpus(cfg.embed_concurrency), num_gpus=cfg.num_gpus,
                         batch_format="pandas")
-    ds = ds.groupby("page_key").map_groups(make_cluster, fn_kwargs={"cfg": cfg}, batch_format="pandas")
+    ds = ds.groupby("page_key", num_partitions=shuffle_partitions(cfg, len(files)))
+    ds = ds.map_groups(make_cluster, fn_kwargs={"cfg": cfg}, batch_format="pandas")
     out = storage.join(cfg.output, "clusters")  # a local folder or any pyarrow URI (s3://, gs://)
     if cfg.captioner == "alt":  # make_cluster already cleaned the alt text
         ds.write_parquet(out)

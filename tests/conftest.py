@@ -34,28 +34,23 @@ WITHOUT_RAY = ("tests/model/", "tests/apprentice/test_dreambooth.py", "tests/app
                "tests/train/test_loop.py", "tests/train/test_memory.py", "tests/train/test_resume.py",
                "tests/train/test_zero3_ema.py", "tests/utils/test_publish.py", "tests/utils/test_storage.py",
                "tests/world/test_controls.py")
-# The serving package's tests share Serve apps on a Ray of their own (their worker's `ray_local`):
-SERVING = "tests/serving/"
 # The tests on the two-node cluster (`ray_cluster`), a lane of their own beside the session's Ray:
 ON_THE_CLUSTER = ("tests/utils/test_rehearsal.py::test_every_stage_runs_work_on_both_nodes",
                   "tests/apprentice/test_job.py::test_a_killed_job_rerun_equals_a_clean_run")
 
 
 def lane(nodeid: str) -> str:
-    """"ray" (one after another, on their worker's Ray), "serving" (the same, on the other worker's),
-    "cluster", or the test's own id (anywhere)."""
+    """"ray" (one after another, on the session's Ray), "cluster", or the test's own id (anywhere)."""
     if nodeid.split("[")[0] in ON_THE_CLUSTER:
         return "cluster"
-    if nodeid.startswith(WITHOUT_RAY):
-        return nodeid
-    return "serving" if nodeid.startswith(SERVING) else "ray"
+    return nodeid if nodeid.startswith(WITHOUT_RAY) else "ray"
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """xdist's load-scope scheduling with the lanes as scopes: a scope runs on one worker, in order,
-    the largest first. So one worker runs the Ray lane from the start, and the other the serving
-    lane, the cluster's and then the rest, on the share of the two cores the Ray lane leaves idle.
+    the largest first. So one worker runs the Ray lane from the start, and the other the cluster's
+    tests and then the rest, on the share of the two cores the Ray lane leaves idle.
     (xdist's own `--dist loadgroup` marks scopes by renaming a test's node id, which pytest 9.2
     ignores.)"""
     from xdist.scheduler import LoadScopeScheduling

@@ -395,9 +395,9 @@ def recaption(source: str, target: str, cfg: BuildConfig) -> None:
 
 
 def shuffle_partitions(cfg: BuildConfig, shards: int) -> int:
-    """A partition holds about a shard's worth of pages (so its memory is bounded as the crawl grows),
-    and every CPU gets one. Ray Data's default, 200 whatever the size, spends a small crawl's time
-    on empty partitions."""
+    """A partition holds about a shard's worth of pages (so its memory stays bounded as the crawl
+    grows), and every CPU gets one. Ray Data's default is 200 whatever the crawl's size: mostly
+    empty reduce tasks on a small one, partitions of gigabytes on a large one."""
     import ray
 
     return cfg.shuffle_partitions or max(shards, int(ray.cluster_resources().get("CPU", 1)))

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_suti.data.builder import BuildConfig, build_dataset, check_shards
+from ray_suti.data.builder import BuildConfig, build_dataset, check_shards, shuffle_partitions
 from ray_suti.data.captions import clean_caption
 from ray_suti.schemas import ICL_CLUSTER_SCHEMA
 from ray_suti.world.crawl import WorldConfig, generate_world
@@ -27,10 +27,17 @@ def built(tmp_path_factory, ray_local):
 
 
 def test_one_cluster_row_per_page_despite_url_noise(built):
-    _, stats, clusters, truth = built
+    cfg, stats, clusters, truth = built
     assert clusters.num_rows == len({t["page_index"] for t in truth}) == PAGES
+    assert len(list(Path(cfg.output, "clusters").glob("*.parquet"))) <= PAGES // 20  # a file per shard, not per page
     assert stats["records_in"] == len(truth)
     assert clusters.schema.remove_metadata() == ICL_CLUSTER_SCHEMA
+
+
+def test_the_page_shuffle_has_a_partition_per_input_shard_and_per_cpu(ray_local):
+    assert shuffle_partitions(BuildConfig(), shards=3) == 3
+    assert shuffle_partitions(BuildConfig(), shards=1) == 2  # the session's Ray has 2 CPUs
+    assert shuffle_partitions(BuildConfig(shuffle_partitions=7), shards=3) == 7
 
 
 def test_every_broken_record_is_counted_with_its_reason(built):

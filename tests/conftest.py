@@ -24,7 +24,7 @@ def pytest_report_header(config):
     return f"DreamBench sample: {'found at ' + str(DREAMBENCH) if found else 'ABSENT (' + str(DREAMBENCH) + '): its tests skip'}"
 
 
-# Lanes for `make test` (`pytest -n 2`, two xdist workers; see pytest_xdist_make_scheduler).
+# Lanes for `make test PYTEST_ARGS="-n 2"` (two xdist workers; see pytest_xdist_make_scheduler).
 # The modules that start no Ray at all run beside the Ray tests (a test here that starts Ray fails):
 WITHOUT_RAY = ("tests/model/", "tests/apprentice/test_dreambooth.py", "tests/apprentice/test_prompts.py",
                "tests/bench/", "tests/data/test_captions.py", "tests/data/test_records.py",

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..utils.storage import local_copy, staged
 from .presets import PRESETS, SuTIConfig, get_preset
-from .suti import SuTIModel
+
+if TYPE_CHECKING:
+    from .suti import SuTIModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype of the CLI and Serve
 
@@ -41,6 +44,8 @@ def suti_config_of(pipe) -> SuTIConfig:
 
 
 def model_from_preset(name: str, seed: int = 0) -> SuTIModel:
+    from .suti import SuTIModel
+
     config = get_preset(name)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -159,6 +164,7 @@ def from_single_file(cls, path: str, torch_dtype=None):
     from safetensors.torch import load_file
 
     from .schedulers import scheduler_class
+    from .suti import SuTIModel
 
     path = local_copy(path)
     with safe_open(path, framework="pt") as f:

@@ -13,9 +13,12 @@ shard (raw batches consumed) as they were.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import queue
 import resource
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -70,13 +73,12 @@ def _gathered(params, stage: int):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def raw_batches(shard, cfg: TrainConfig, rank: int, skip: int = 0):
+def raw_batches(shard, cfg: TrainConfig, rank: int):
     """The worker's rows, epoch after epoch, shuffled locally with a seed of (seed, rank, epoch): torch
-    tensors prepared by Ray Data, or raw numpy columns with ``--decode-in-worker``. The first ``skip``
-    are passed over (a resumed run's position). A shard of at most ``SMALL_SHARD_ROWS`` rows is kept
-    after its first epoch and replayed in a new order each time: re-reading a few rows costs a Ray
-    Data execution (seconds) per epoch."""
-    epoch, kept, rows, index = 0, [], 0, 0
+    tensors prepared by Ray Data, or raw numpy columns with ``--decode-in-worker``. A shard of at most
+    ``SMALL_SHARD_ROWS`` rows is kept after its first epoch and replayed in a new order each time:
+    re-reading a few rows costs a Ray Data execution (seconds) per epoch."""
+    epoch, kept, rows = 0, [], 0
     while True:
         shuffle = dict(batch_size=cfg.batch_size, prefetch_batches=2, local_shuffle_buffer_size=cfg.shuffle_buffer,
                        local_shuffle_seed=cfg.seed + 1000 * epoch + 7919 * rank)
@@ -85,9 +87,7 @@ def raw_batches(shard, cfg: TrainConfig, rank: int, skip: int = 0):
             rows += len(next(iter(raw.values())))
             if rows <= SMALL_SHARD_ROWS:
                 kept.append(raw)
-            if index >= skip:
-                yield raw
-            index += 1
+            yield raw
         epoch += 1
         if 0 < rows <= SMALL_SHARD_ROWS:
             break
@@ -95,9 +95,48 @@ def raw_batches(shard, cfg: TrainConfig, rank: int, skip: int = 0):
     rng = np.random.default_rng([cfg.seed, rank])
     while True:
         for i in rng.permutation(len(kept)):
-            if index >= skip:
-                yield kept[i]
-            index += 1
+            yield kept[i]
+
+
+class ReadAhead:
+    """Iterates ``items`` in a thread, at most ``depth`` items ahead of the reader; the thread's
+    error is raised in the reader. ``close()`` stops the thread at its next item."""
+
+    _END = object()
+
+    def __init__(self, items, depth: int = 2):
+        self._queue, self._stop = queue.Queue(depth), threading.Event()
+        threading.Thread(target=self._fill, args=(items,), daemon=True, name="read-ahead").start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _fill(self, items) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as error:  # noqa: BLE001 (handed to the reader)
+            self._put((None, error))
+
+    def __iter__(self):
+        while True:
+            item, error = self._queue.get()
+            if error is not None:
+                raise error
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -106,10 +145,23 @@ def train_loop_per_worker(config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR)
     torch.set_num_threads(cfg.threads)
-    import deepspeed
     import ray.train
 
     ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    # Ray Data starts on the shard now, beside the set-up below (DeepSpeed, the model stack, the
+    # pipeline): read after it, its coordinator's start and first read added ~8 s to a short run.
+    rows = ReadAhead(raw_batches(ray.train.get_dataset_shard("train"), cfg, rank))
+    try:
+        _train(cfg, config, rows, ctx)
+    finally:
+        rows.close()
+
+
+def _train(cfg: TrainConfig, config: dict, rows: ReadAhead, ctx) -> None:
+    import deepspeed
+    import ray.train
+
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.use_gpu else torch.device("cpu")
     if not cfg.use_gpu:
@@ -150,14 +202,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     collate = make_collate(cfg, pipe, seed=cfg.seed)
     probe = probe_batch(cfg, collate) if cfg.mode == "suti" else None
-    shard = ray.train.get_dataset_shard("train")
 
     def batches():
         """(collated batch of exactly ``batch_size`` rows, raw batches consumed), forever: the rows
         an epoch leaves over are carried into the next, so a shard smaller than a batch still trains
         (with drop_last it yielded nothing and the run never ended)."""
         carry, consumed = None, position
-        for raw in raw_batches(shard, cfg, rank, skip=position):
+        for raw in itertools.islice(rows, position, None):  # a resumed run's place in its shard
             collate.rng = np.random.default_rng([cfg.seed, rank, consumed])  # per raw batch: resumable
             batch, consumed = (collate(raw) if cfg.decode_in_worker else collate.draw(raw)), consumed + 1
             if carry is not None:

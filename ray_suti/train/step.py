@@ -51,11 +51,11 @@ def start_pipeline(cfg: TrainConfig):
 def continued_step(cfg: TrainConfig) -> int:
     """A single-file checkpoint of the same mode carries its step count on (training across
     sessions continues from the committed file); anything else starts at 0."""
-    from ..model import SuTIPipeline
+    from ..model.loading import single_file_metadata  # the metadata alone: no model stack imported
 
     if not cfg.init_from.endswith(".safetensors"):
         return 0
-    meta = SuTIPipeline.single_file_metadata(cfg.init_from)
+    meta = single_file_metadata(cfg.init_from)
     return int(meta.get("step", 0)) if meta.get("mode") == cfg.mode else 0
 
 

@@ -299,7 +299,7 @@ def train_clip(cfg: ClipTrainConfig) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..utils.ray_utils import init_ray
+    from ..utils.ray_utils import fit, init_ray
     from .builder import check_shards
     from .train_clip_pages import page_dataset
 
@@ -311,7 +311,7 @@ def train_clip(cfg: ClipTrainConfig) -> dict:
         run_config=RunConfig(name="train-clip", storage_path=os.path.abspath(cfg.storage_path)),
         torch_config=TorchConfig(backend="gloo"),
     )
-    result = trainer.fit()
+    result = fit(trainer)
     with result.checkpoint.as_directory() as d:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
         shutil.copyfile(os.path.join(d, WEIGHTS), cfg.output)

@@ -62,7 +62,7 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..utils.ray_utils import init_ray, read_parquet
+    from ..utils.ray_utils import fit, init_ray, read_parquet
     from .loop import train_loop_per_worker
     from .step import continued_step, training_data
 
@@ -89,7 +89,7 @@ def run_training(cfg: TrainConfig, command: str = "") -> dict:
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
     )
     start = time.time()
-    result = trainer.fit()
+    result = fit(trainer)
     summary = {"metrics": result.metrics, "minutes": round((time.time() - start) / 60, 2),
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     if result.checkpoint and (cfg.export or cfg.export_file):

@@ -59,6 +59,23 @@ def read_parquet(paths, **kwargs):
         del os.environ[FOOTER_ACTORS_ENV]
 
 
+def fit(trainer):
+    """``trainer.fit()``, then the SIGINT handler as it was before. Ray Train's handler (set from the
+    main thread) holds the run's controller actor, so the controller and its dataset actors (~3% of
+    a core each, polling) outlived the run until the next ``fit`` replaced it: in a long-lived
+    process (a notebook, a service, the test session) the last run's actors lived on."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+
+
 def pool_actor_cpus(pool_size: int) -> float:
     """CPUs for each actor of a Ray Data pool: one, unless the pool would take every CPU of the
     cluster and leave none for the read's file listing (ListFiles asks a whole CPU): a deadlock with

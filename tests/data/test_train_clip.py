@@ -1,5 +1,6 @@
 """train-clip on page pairs and rendered pages: a Ray Train job or one process; the weights plug into the builder."""
 import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,14 @@ def test_render_recipe_runs_on_two_ray_train_workers(tmp_path, ray_local):
                                          storage_path=str(tmp_path / "runs")))
     assert metrics["step"] == 2 and math.isfinite(metrics["loss"])
     load_clip("tiny", str(out), "cpu")
+    # the run's controller (and its dataset actors) end with it: Ray Train's SIGINT handler, which
+    # held it, is gone (the session's Ray runs no dashboard: the GCS's actor table)
+    from ray._private.state import actors
+
+    deadline = time.time() + 30
+    while [a for a in actors().values() if a["ActorClassName"] == "TrainController" and a["State"] != "DEAD"]:
+        assert time.time() < deadline, "the run's TrainController outlived it"
+        time.sleep(0.2)
 
 
 def test_local_runner_trains_on_page_pairs_without_ray(tmp_path, capsys):

@@ -193,6 +193,10 @@ def test_tenants_see_only_their_own_subjects_and_have_quotas(url, dreambench_dir
     page = requests.get(f"{locked}/v1/subjects?limit=1", headers=AS_A, timeout=30).json()
     assert len(page["subjects"]) == 1 and page["next"] == page["subjects"][0]["subject_id"]
     assert requests.get(f"{locked}/v1/subjects?limit=0", headers=AS_A, timeout=30).status_code == 422
+    for tenant in (AS_A, AS_B):  # the tenants' quotas left as found: other tests register on them
+        for listed in requests.get(f"{locked}/v1/subjects", headers=tenant, timeout=30).json()["subjects"]:
+            assert requests.delete(f"{locked}/v1/subjects/{listed['subject_id']}", headers=tenant,
+                                   timeout=30).status_code == 204
 
 
 def test_overload_answers_503_with_retry_after_and_no_other_5xx(url, dreambench_dir):
@@ -226,21 +230,24 @@ def test_the_openai_package_draws_through_the_images_api(url, dreambench_dir):
                                 response_format="b64_json", extra_body={"seed": 3, "steps": 4})
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in edited.data]
     assert len(images) == 2 and images[0].size == (64, 64) and edited.created > 0
-    [subject, *_] = [m["subject_id"] for m in requests.get(f"{url}/locked/v1/subjects", headers=AS_A, timeout=30).json()["subjects"]]
-    made = client.images.generate(prompt="a photo on the beach", n=1, extra_body={"subject_id": subject, "seed": 0, "steps": 4})
-    png = base64.b64decode(made.data[0].b64_json)
-    assert png == generate(f"{url}/locked", seed=0, subject_id=subject, headers=AS_A, accept="image/png").content
-    with pytest.raises(openai.BadRequestError, match="subject_id"):
-        client.images.generate(prompt="a dog")
-    with pytest.raises(openai.BadRequestError, match="response_format"):
-        client.images.generate(prompt="a dog", response_format="url", extra_body={"subject_id": subject})
-    with pytest.raises(openai.NotFoundError, match="unknown subject_id"):
-        client.images.generate(prompt="a dog", extra_body={"subject_id": "0" * 64})
-    with pytest.raises(openai.BadRequestError, match="n"):
-        client.images.generate(prompt="a dog", n=9, extra_body={"subject_id": subject})
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{url}/locked/v1", api_key="not-a-key-0123456789").images.generate(
-            prompt="a dog", extra_body={"subject_id": subject})
+    subject = register(f"{url}/locked", photos(dreambench_dir, "dog2", 2), headers=AS_A).json()["subject_id"]
+    try:
+        made = client.images.generate(prompt="a photo on the beach", n=1, extra_body={"subject_id": subject, "seed": 0, "steps": 4})
+        png = base64.b64decode(made.data[0].b64_json)
+        assert png == generate(f"{url}/locked", seed=0, subject_id=subject, headers=AS_A, accept="image/png").content
+        with pytest.raises(openai.BadRequestError, match="subject_id"):
+            client.images.generate(prompt="a dog")
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            client.images.generate(prompt="a dog", response_format="url", extra_body={"subject_id": subject})
+        with pytest.raises(openai.NotFoundError, match="unknown subject_id"):
+            client.images.generate(prompt="a dog", extra_body={"subject_id": "0" * 64})
+        with pytest.raises(openai.BadRequestError, match="n"):
+            client.images.generate(prompt="a dog", n=9, extra_body={"subject_id": subject})
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/locked/v1", api_key="not-a-key-0123456789").images.generate(
+                prompt="a dog", extra_body={"subject_id": subject})
+    finally:  # tenant A's quota left as found
+        requests.delete(f"{url}/locked/v1/subjects/{subject}", headers=AS_A, timeout=30)
 
 
 def test_a_torn_subject_fails_alone_in_its_batch(url, dreambench_dir, main_store):

@@ -2,9 +2,11 @@
 
 The step itself (model, loss, groups, EMA, seeding, restoring) is ``step.py``'s, shared with the
 one-process runner. Ray Data reads, decodes, tokenizes and collates ahead of the workers
-(``trainer.py``, ``data.Prepare``); a worker reads tensors with ``iter_torch_batches``, the next
-batches prefetched, and only draws its demos and dropouts as index operations (``Collate.draw``). Every worker runs the same number of steps (Ray Train splits the data into
-equal shards, and each worker loops over its shard) and reports at the same steps. A checkpoint is
+(``trainer.py``, ``data.Prepare``); a worker starts reading its shard (``iter_torch_batches``, in a
+thread: ``ReadAhead``) before it sets up DeepSpeed and the model, and only draws its demos and
+dropouts as index operations (``Collate.draw``). Every worker runs the same number of steps (Ray
+Train splits the data into equal shards, and each worker loops over its shard) and reports at the
+same steps. A checkpoint is
 rank 0's weights, EMA and state file plus every rank's DeepSpeed optimizer partition; after a
 failure Ray Train restarts the workers, ``ray.train.get_checkpoint()`` hands back the last
 checkpoint, and training goes on with Adam's moments, the warm-up and each worker's position in its

@@ -3,10 +3,11 @@
     .venv/bin/python bench/serve_load.py [--requests 96 --clients 16 --steps 25 --rounds 2]
 
 In one run, on one local Ray (2 CPUs here):
-1. throughput, p50/p95/p99 latency and the largest batch reached (goal: max_batch_size, 8) with 16
+1. throughput, p50/p95/p99 latency, the largest and the mean batch (goal: max_batch_size, 8) with 16
    clients a replica: 1 replica with batching, 1 replica without, 2 replicas with (goal >= 1.8x of
    1), 1 and 2 replicas alternating for ``--rounds``; with the share of the wall each replica spent
-   denoising and the seconds of denoising an image (where a shortfall from 2x comes from);
+   denoising, the seconds of denoising an image and the CPU seconds per request by kind of process
+   (where a shortfall from 2x comes from);
 2. overload: 1 replica queueing 4 requests, 32 clients: the share answered 503 (with Retry-After)
    and the count of any other 5xx (goal: none);
 3. autoscaling: min 1 / max 2 replicas, load until a second replica is up, then idle until it goes;
@@ -30,6 +31,7 @@ from ray_suti.utils.ray_utils import init_ray
 from ray_suti.world import Subject, heldout_seeds, render
 from ray_suti.world.contexts import Context
 from ray_suti.utils.images import encode_png
+from cpu_by_process import snapshot  # bench/, beside this file
 
 
 def free_port() -> int:
@@ -95,12 +97,27 @@ class Load:
         ok = sum(c == 200 for c in self.codes)
         return {"requests": len(self.codes), "ok_rate": round(ok / max(1, len(self.codes)), 4),
                 "throughput_rps": round(ok / self.wall, 3), "largest_batch": max(self.batch_rows, default=0),
+                "mean_batch": round(float(np.mean(self.batch_rows)), 2) if self.batch_rows else None,
                 "busy_503_rate": round(sum(c == 503 for c in self.codes) / max(1, len(self.codes)), 4),
                 "busy_with_retry_after": all(r and r.isdigit() for r in self.retry_after),
                 "other_5xx": sum(c >= 500 and c != 503 for c in self.codes), "failed_connections": self.codes.count(0),
                 "sampling_s_per_image": round(float(np.mean(self.sampling_share)), 4) if self.sampling_share else None,
                 "replicas_busy_denoising": round(sum(self.sampling_share) / (self.wall * replicas), 3),
                 **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}}
+
+
+def cpu_per_request(before: tuple, load: Load) -> dict:
+    """CPU seconds per answered request over a load, by kind of process (Serve's replicas by
+    deployment, its controller and proxy, this process's clients, the rest of Ray), from /proc."""
+    (ticks0, _), (ticks1, names) = before, snapshot()
+    ok, hz, me, out = max(1, load.codes.count(200)), os.sysconf("SC_CLK_TCK"), str(os.getpid()), {}
+    for pid, t in ticks1.items():
+        name = names.get(pid) or ""
+        kind = ("model replicas" if ":Generator" in name else "ingress" if ":Ingress" in name
+                else "serve controller" if "ServeController" in name else "proxy" if "ProxyActor" in name
+                else "bench clients" if pid == me else "rest")
+        out[kind] = out.get(kind, 0.0) + (t - ticks0.get(pid, t)) / hz / ok
+    return {k: round(v, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def replicas(app: str) -> int:
@@ -195,8 +212,9 @@ def throughput(args, deploy, results: dict) -> None:
         app_url = deploy(name, **kw)
         subjects = register(app_url, 3)
         Load(app_url, subjects, 2, 4, args.steps, 120).run()  # warm-up: feature caches, first-call costs
-        runs[name].append(Load(app_url, subjects, scale * args.clients, scale * args.requests, args.steps,
-                               300).run().summary(replicas=scale))
+        before = snapshot()
+        load = Load(app_url, subjects, scale * args.clients, scale * args.requests, args.steps, 300).run()
+        runs[name].append({**load.summary(replicas=scale), "cpu_s_per_request": cpu_per_request(before, load)})
         print(name, runs[name][-1], flush=True)
         serve.delete(name)
     for name, summaries in runs.items():

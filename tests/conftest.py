@@ -28,12 +28,12 @@ def pytest_report_header(config):
 # The modules that start no Ray at all run beside the Ray tests (a test here that starts Ray fails):
 WITHOUT_RAY = ("tests/model/", "tests/apprentice/test_dreambooth.py", "tests/apprentice/test_prompts.py",
                "tests/bench/", "tests/data/test_captions.py", "tests/data/test_records.py",
-               "tests/data/test_train_clip_render.py", "tests/data/test_urls.py", "tests/serving/test_store.py",
-               "tests/test_client.py", "tests/test_cluster_config.py", "tests/test_dockerfiles.py",
-               "tests/test_k8s_manifests.py", "tests/train/test_adapter_only.py", "tests/train/test_data.py",
-               "tests/train/test_loop.py", "tests/train/test_memory.py", "tests/train/test_resume.py",
-               "tests/train/test_zero3_ema.py", "tests/utils/test_publish.py", "tests/utils/test_storage.py",
-               "tests/world/test_controls.py")
+               "tests/data/test_train_clip_render.py", "tests/data/test_urls.py",
+               "tests/serving/test_batcher.py", "tests/serving/test_store.py", "tests/test_client.py",
+               "tests/test_cluster_config.py", "tests/test_dockerfiles.py", "tests/test_k8s_manifests.py",
+               "tests/train/test_adapter_only.py", "tests/train/test_data.py", "tests/train/test_loop.py",
+               "tests/train/test_memory.py", "tests/train/test_resume.py", "tests/train/test_zero3_ema.py",
+               "tests/utils/test_publish.py", "tests/utils/test_storage.py", "tests/world/test_controls.py")
 # The tests on the two-node cluster (`ray_cluster`), a lane of their own beside the session's Ray:
 ON_THE_CLUSTER = ("tests/utils/test_rehearsal.py::test_every_stage_runs_work_on_both_nodes",
                   "tests/apprentice/test_job.py::test_a_killed_job_rerun_equals_a_clean_run")

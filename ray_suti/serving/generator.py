@@ -1,8 +1,8 @@
 """The model deployment: one pipeline per replica, batched requests, and a cache of demo features.
 
-Concurrent requests are batched (``@serve.batch``); every row of a batch attends only to its own
-subject's demos, and each image's noise comes from its request's seed, so an image does not depend
-on what it was batched with. A job whose subject vanished, whose stored photos cannot be read, or
+Concurrent requests are batched (``batcher.Batcher``: a batch is cut when the sampler is free);
+every row of a batch attends only to its own subject's demos, and each image's noise comes from its
+request's seed, so an image does not depend on what it was batched with. A job whose subject vanished, whose stored photos cannot be read, or
 whose controls the checkpoint lacks fails alone; the rest of its batch is drawn. Denoising runs in a
 thread, off the replica's event loop. A batch is cut into denoising loops of at most
 ``max_batch_rows`` UNet rows (images x guidance branches), so memory per loop is bounded.
@@ -20,6 +20,7 @@ from collections import OrderedDict
 from ray import serve
 
 from ..utils.images import encode_png
+from .batcher import Batcher
 from .schemas import CONTROLS
 from .store import SubjectError, SubjectStore
 
@@ -85,7 +86,7 @@ class Generator:
         self.stats = {"feature_hits": 0, "feature_misses": 0, "batches": 0, "rows": 0}
         self.metrics = replica_metrics()
         self.knowledge_base, self.kbs = knowledge_base, {}  # a KB uri ("{tenant}" in it: one per tenant), opened once
-        self.draw_batch.set_max_batch_size(max_batch_size)  # 1 turns batching off (bench/serve_load.py)
+        self.batcher = Batcher(self.run_batch, max_batch_size)  # 1 turns batching off (bench/serve_load.py)
 
     def features(self, tenant: str, subject_id: str):
         """Cached DemoFeatures of a stored subject; None when it is not (or no longer) stored;
@@ -140,41 +141,14 @@ class Generator:
         return result
 
     async def generate_stream(self, job: dict):
-        """Progress events (when the job asks), then its result. An async generator method itself,
-        so Serve streams it on its event loop (a batch wrapper alone looks synchronous to it).
-        Both methods feed the same batches."""
+        """Progress events (when the job asks), then its result. Both methods feed the same batches."""
         if not await asyncio.to_thread(Attempts.start, job["id"]):
             yield {"status": 503, "detail": f"this request stopped the {Attempts.MAX} replicas that drew it "
                                             "(a crash or an out-of-memory kill): it is not drawn again"}
             return
-        async for item in self.draw_batch(job):
+        async for item in self.batcher.submit(job, progress=bool(job.get("progress"))):
             yield item
         await asyncio.to_thread(Attempts.end, job["id"])
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def draw_batch(self, jobs: list[dict]):
-        """Per yield, one item per job: a progress event (None for jobs not in the running loop or
-        not asking), then the results."""
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        wanted = [bool(job.get("progress")) for job in jobs]
-
-        def report(members: list[int], step: int, steps: int) -> None:  # from the sampling thread
-            loop.call_soon_threadsafe(events.put_nowait, (members, step, steps))
-
-        drawing = asyncio.ensure_future(asyncio.to_thread(self.run_batch, jobs, report if any(wanted) else None))
-        def progress(members, step, steps):
-            return [{"step": step, "steps": steps} if i in members and wanted[i] else None for i in range(len(jobs))]
-
-        while any(wanted):
-            event = asyncio.ensure_future(events.get())
-            await asyncio.wait({drawing, event}, return_when=asyncio.FIRST_COMPLETED)
-            if not event.done():
-                event.cancel()
-                break
-            yield progress(*event.result())
-        while not events.empty():  # steps queued before the loop's end (callbacks run in order)
-            yield progress(*events.get_nowait())
-        yield await drawing
 
     def run_batch(self, jobs: list[dict], report=None) -> list[dict]:
         """Jobs with the same sampling settings share denoising loops; a failing job fails alone.

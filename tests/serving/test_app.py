@@ -309,6 +309,7 @@ def test_a_request_that_kills_replicas_takes_at_most_two(url, main_store, tmp_pa
 
     from ray import serve
 
+    from ray_suti.serving.batcher import Batcher
     from ray_suti.serving.generator import Generator
     from ray_suti.serving.ingress import Ingress
 
@@ -316,7 +317,7 @@ def test_a_request_that_kills_replicas_takes_at_most_two(url, main_store, tmp_pa
 
     class Crashing(Generator.func_or_class):  # the real replica, whose drawing ends its process
         def __init__(self, *args, **kwargs):  # no pipeline to load: it never draws (and restarts fast)
-            pass
+            self.batcher = Batcher(self.run_batch, max_batch_size=8)
 
         def run_batch(self, jobs, report=None):
             with open(killed, "a") as f:

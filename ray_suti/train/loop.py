@@ -57,8 +57,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
 
 def skip_cpu_inference_comm_op() -> None:
     """On CPU, DeepSpeed's comm backend compiles a shared-memory all-reduce kernel at start-up
-    (~45 s of C++ on a new machine or virtualenv) that only ``inference_all_reduce`` calls; training
-    reduces through torch.distributed (gloo). Marking the op unavailable skips the build."""
+    (tens of seconds of C++ on a new machine or virtualenv) that only ``inference_all_reduce``
+    calls; training reduces through torch.distributed (gloo). Marking the op unavailable skips the
+    build."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 

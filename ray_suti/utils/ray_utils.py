@@ -61,9 +61,9 @@ def read_parquet(paths, **kwargs):
 
 def fit(trainer):
     """``trainer.fit()``, then the SIGINT handler as it was before. Ray Train's handler (set from the
-    main thread) holds the run's controller actor, so the controller and its dataset actors (~3% of
-    a core each, polling) outlived the run until the next ``fit`` replaced it: in a long-lived
-    process (a notebook, a service, the test session) the last run's actors lived on."""
+    main thread) holds the run's controller actor, so the controller and its dataset actors (each
+    polling) would outlive the run until the next ``fit`` replaced it: in a long-lived process (a
+    notebook, a service, the test session) the last run's actors would live on."""
     import signal
     import threading
 

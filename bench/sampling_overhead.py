@@ -6,7 +6,9 @@ Rows, all 25 DDIM steps through ``SuTIPipeline.__call__``:
   branches      SuTI, separate scales (3.0 / 2.0), three passes a step
   interleaved   SuTI, separate scales, interleaved guidance (two passes a step, three the first)
   reimagen      SuTI, separate scales, Re-Imagen's literal rule (two passes a step)
-SuTI's times include encoding the demos once. The rows run in turn, repeatedly, and the median of
+  cached        interleaved with the subject's demo features computed beforehand (how Serve draws a
+                registered subject: its features are cached per replica)
+SuTI's times but the last row's include encoding the demos once. The rows run in turn, repeatedly, and the median of
 each is reported with its ratio to plain (goal: interleaved <= 1.15x).
 
     .venv/bin/python bench/sampling_overhead.py [--presets tiny-32 tiny-64] [--repeats 5] [--out docs/results/sampling-overhead.json]
@@ -33,12 +35,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {"steps": args.steps, "repeats": args.repeats, "goal_interleaved_vs_plain": GOAL_INTERLEAVED, "presets": {}}
-    print(f"{'preset':8} {'plain s/img':>11} " + " ".join(f"{m:>18}" for m in ("equal", "branches", "interleaved", "reimagen")))
+    print(f"{'preset':8} {'plain s/img':>11} " + " ".join(f"{m:>18}" for m in ("equal", "branches", "interleaved", "reimagen", "cached")))
     for name in args.presets:
         pipe = SuTIPipeline.from_preset(name)
         pipe.set_progress_bar_config(disable=True)
         demos = [render(7, Context(scene=s), 64)[0] for s in ("beach", "snow", "grass")]
         prompt, common = "a toy on the beach", dict(num_inference_steps=args.steps, output_type="latent")
+        features = pipe.encode_subject(demos)
         runs = {
             "plain": lambda: pipe(prompt, None, guidance_scale_text=3.0, **common),
             "equal": lambda: pipe(prompt, demos, guidance_scale_text=3.0, guidance_scale_subject=3.0, **common),
@@ -47,6 +50,8 @@ def main() -> None:
                                         guidance_mode="interleaved", **common),
             "reimagen": lambda: pipe(prompt, demos, guidance_scale_text=3.0, guidance_scale_subject=2.0,
                                      guidance_mode="reimagen", **common),
+            "cached": lambda: pipe(prompt, features, guidance_scale_text=3.0, guidance_scale_subject=2.0,
+                                   guidance_mode="interleaved", **common),
         }
         times = {k: [] for k in runs}
         for fn in runs.values():

@@ -73,8 +73,8 @@ def pytest_collection_modifyitems(session, config, items):
         on_the_cluster = "ray_cluster" in item.fixturenames
         if on_the_cluster != (lane(item.nodeid) == "cluster"):
             raise pytest.UsageError(f"{item.nodeid}: list it in ON_THE_CLUSTER exactly when it uses ray_cluster")
-        if lane(item.nodeid) == "ray" and "early_runs" not in item.fixturenames:
-            item.fixturenames.append("early_runs")
+        if lane(item.nodeid) == "ray" and "start_early_runs" not in item.fixturenames:
+            item.fixturenames.append("start_early_runs")
 
 
 def _ray_is_up() -> bool:
@@ -103,36 +103,68 @@ class EarlyRun:
         return (self.folder / "stdout.txt").read_text()
 
 
-@pytest.fixture(scope="session")
-def early_runs(request, tmp_path_factory):
+class EarlyRuns(dict):
     """Slow, self-contained runs started with the Ray lane: a test module's ``start_early(folder)``
     (a Popen of a command, its output to files in ``folder``) when one of its tests asks for
     ``early_run``. They run beside the tests, in a session of their own (so, with Linux's autogroup
-    scheduling, with a share of the cores equal to the rest of the suite's), and fill the share of
-    the two cores the rest leaves idle; their tests join them where they stand. Whatever still runs
-    at the end is stopped."""
-    runs = {}
+    scheduling, with a share of the cores equal to the rest of the suite's, or the least share for
+    a ``background`` one), and fill the share of the two cores the rest leaves idle; their tests
+    join them where they stand."""
+
+    def __init__(self, modules: dict, tmp_path_factory):
+        super().__init__()
+        self.modules, self.tmp_path_factory = modules, tmp_path_factory  # name -> (module, its lane)
+
+    def start(self, name: str) -> EarlyRun:
+        if name not in self:
+            folder = self.tmp_path_factory.mktemp(name.rsplit(".", 1)[-1])
+            self[name] = EarlyRun(self.modules[name][0].start_early(folder), folder)
+        return self[name]
+
+
+@pytest.fixture(scope="session")
+def early_runs(request, tmp_path_factory):
+    """The session's early runs (``EarlyRuns``); whatever still runs at the end is stopped."""
+    modules = {}
     for item in request.session.items:
         module = getattr(item, "module", None)
-        if "early_run" in getattr(item, "fixturenames", ()) and module.__name__ not in runs:
-            folder = tmp_path_factory.mktemp(module.__name__.rsplit(".", 1)[-1])
-            runs[module.__name__] = EarlyRun(module.start_early(folder), folder)
+        if "early_run" in getattr(item, "fixturenames", ()) and module.__name__ not in modules:
+            modules[module.__name__] = (module, lane(item.nodeid))
+    runs = EarlyRuns(modules, tmp_path_factory)
     yield runs
     for run in runs.values():
         if run.process.poll() is None:
             os.killpg(run.process.pid, signal.SIGKILL)
 
 
-def start_early_command(command: list, folder: Path, **popen) -> subprocess.Popen:
-    """An early run's process (see ``early_runs``): its own session and process group, its output in
-    ``folder``/stdout.txt and stderr.txt."""
+@pytest.fixture(scope="session")
+def start_early_runs(early_runs):
+    """Asked for by the Ray lane's tests, so its first test starts the early runs: all of them in one
+    process; with xdist only the Ray lane's (a worker cannot tell which lanes it will get, and two
+    workers must not start the same run: another lane's run starts when its test asks)."""
+    for name, (_, where) in early_runs.modules.items():
+        if "PYTEST_XDIST_WORKER" not in os.environ or where == "ray":
+            early_runs.start(name)
+
+
+def start_early_command(command: list, folder: Path, background: bool = False, **popen) -> subprocess.Popen:
+    """An early run's process (see ``EarlyRuns``): its own session and process group, its output in
+    ``folder``/stdout.txt and stderr.txt. A ``background`` run gets the least CPU share: nice 19, and
+    for its session's autogroup too (where Linux groups by session, nice counts only inside a group)."""
     with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
-        return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True, **popen)
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True, **popen)
+    if background:  # right away: the children it starts later inherit both
+        os.setpriority(os.PRIO_PROCESS, process.pid, 19)
+        try:
+            Path(f"/proc/{process.pid}/autogroup").write_text("19")
+        except OSError:
+            pass  # no autogroup scheduling here: nice alone does it
+    return process
 
 
 @pytest.fixture
 def early_run(request, early_runs) -> EarlyRun:
-    return early_runs[request.module.__name__]
+    return early_runs.start(request.module.__name__)
 
 
 @pytest.fixture(scope="session")

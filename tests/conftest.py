@@ -66,9 +66,12 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The cluster's tests run last (without xdist, its nodes then live only while they run; idle
-    they still cost ~0.07 cores), and the Ray lane's first test starts the early runs."""
-    items.sort(key=lambda item: "ray_cluster" in item.fixturenames)  # stable: order kept otherwise
+    """The tests that join an early run come after the rest (the later they join, the more of their
+    run was done beside the others), and the cluster's tests last (without xdist, its nodes then live
+    only while they run; idle they still cost ~0.07 cores). The Ray lane's first test starts the
+    early runs."""
+    # stable: the order is kept otherwise
+    items.sort(key=lambda item: ("ray_cluster" in item.fixturenames, "early_run" in item.fixturenames))
     for item in items:
         on_the_cluster = "ray_cluster" in item.fixturenames
         if on_the_cluster != (lane(item.nodeid) == "cluster"):

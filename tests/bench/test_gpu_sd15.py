@@ -1,10 +1,9 @@
 """bench/gpu_sd15.py's CPU smoke run: every section measured, positive numbers, no Ray imported."""
 import json
 import os
-import subprocess
 import sys
 
-from ..conftest import REPO
+from ..conftest import start_early_command
 
 SECTIONS = ("train", "train_cached_inputs", "train_checkpointing", "train_cached_inputs_checkpointing",
             "demo_encoding", "sampling", "sampling_batch8")
@@ -18,13 +17,17 @@ def numbers(tree):
     return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
-def test_cpu_smoke_run_measures_every_section(tmp_path):
-    out = tmp_path / "gpu_sd15.json"
+def start_early(folder):
+    """The smoke run (~30 s of one process) runs in the background from the session's start
+    (tests/conftest.py, ``EarlyRuns``); the test below joins it."""
     cmd = [sys.executable, "bench/gpu_sd15.py", "--preset", "tiny-latent", "--steps", "2", "--sample-steps", "2",
-           "--device", "cpu", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+           "--device", "cpu", "--out", str(folder / "gpu_sd15.json")]
+    return start_early_command(cmd, folder, background=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cpu_smoke_run_measures_every_section(early_run):
+    early_run.join(timeout=600)
+    out, stderr = early_run.folder / "gpu_sd15.json", (early_run.folder / "stderr.txt").read_text()
     result = json.loads(out.read_text())
     assert result["preset"] == "tiny-latent" and result["device"] == "cpu" and result["dtype"] == "fp32"
     assert all(n > 0 for n in result["parameters"].values())
@@ -33,7 +36,7 @@ def test_cpu_smoke_run_measures_every_section(tmp_path):
         section = result["sections"][name]
         assert "error" not in section and "skipped" not in section, (name, section)
         assert numbers(section) and all(n > 0 for n in numbers(section)), (name, section)
-        assert f"] {name}: " in proc.stderr  # one human line per section
+        assert f"] {name}: " in stderr  # one human line per section
     for name in SECTIONS[:4]:
         assert result["sections"][name]["examples_per_s"] > 0
     assert "VAE and text encoder not run" in result["sections"]["train_cached_inputs"]["inputs"]

@@ -24,9 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..train.prepare import CONTROL_COLUMNS
 from ..utils import storage
-
-CONTROL_COLUMNS = ["target_box", "target_keypoints", "target_edges"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class LatentEncoder:
 
         from ..model.pipeline import load_pipeline
         from ..train.config import TrainConfig
-        from ..train.data import Prepare
+        from ..train.prepare import Prepare
 
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
@@ -100,7 +99,7 @@ class LatentEncoder:
             out["demo_caption_states"][i] = [to_bytes(t, self.dtype) for t in states[cursor: cursor + k]]
             cursor += k
         out.update({"example_id": batch["example_id"], "path": batch["path"]})
-        out.update({c: batch[c] for c in CONTROL_COLUMNS if c in batch})
+        out.update({c: batch[c] for c in CONTROL_COLUMNS.values() if c in batch})
         return out
 
 
@@ -144,7 +143,7 @@ def run_encode(cfg: EncodeConfig, progress: bool = True) -> dict:
     stats = {"files": len(files), "files_already_done": len(files) - len(todo), "rows": 0, "skipped": {}}
     if todo:
         init_ray()
-        controls = [c for c in CONTROL_COLUMNS if c in pq.read_schema(fs.open_input_file(todo[0])).names]
+        controls = [c for c in CONTROL_COLUMNS.values() if c in pq.read_schema(fs.open_input_file(todo[0])).names]
         schema = output_schema(controls)
         scheme = cfg.examples.split("://")[0] + "://" if storage.is_uri(cfg.examples) else ""
         ds = read_parquet([scheme + p for p in todo], include_paths=True).select_columns([

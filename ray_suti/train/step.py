@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .data import Collate, as_tensors, columns
+from .data import Collate, as_tensors
+from .prepare import columns
 
 
 def start_pipeline(cfg: TrainConfig):

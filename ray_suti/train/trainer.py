@@ -44,15 +44,14 @@ def prepare_batch(batch: dict, prepare) -> dict:
 
 
 def prepared_ahead(dataset, cfg: TrainConfig):
-    """Decoding, tokenizing and collating (``data.Prepare``) in Ray Data tasks, ahead of the trainers.
+    """Decoding, tokenizing and collating (``prepare.Prepare``) in Ray Data tasks, ahead of the trainers.
     Tasks, not an actor pool: actors hold their CPUs, which Ray Data's file listing (1 CPU a task) then
-    waits for on a small cluster. The Prepare object travels once, through ``fn_kwargs``."""
-    from ..model.loading import image_size_of, tokenizer_of
-    from .data import Prepare
+    waits for on a small cluster. The Prepare object travels once, through ``fn_kwargs``, its tokenizer as the checkpoint's name."""
+    from ..model.loading import image_size_of
+    from .prepare import Prepare
 
     checkpoint = cfg.init_from or cfg.preset
-    tokenizer = tokenizer_of(checkpoint)
-    prepare = Prepare(cfg, tokenizer, image_size_of(checkpoint), tokenizer.model_max_length)
+    prepare = Prepare(cfg, checkpoint, image_size_of(checkpoint))
     return dataset.map_batches(prepare_batch, fn_kwargs={"prepare": prepare}, batch_size=cfg.batch_size,
                                batch_format="numpy", num_cpus=cfg.data_cpus)
 

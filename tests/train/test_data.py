@@ -9,7 +9,8 @@ from ray_suti import SuTIPipeline
 from ray_suti.model.tokenizer import clip_tokenizer
 from ray_suti.train.checkpoint import load_checkpoint, save_checkpoint, trainable_state
 from ray_suti.train.config import TrainConfig
-from ray_suti.train.data import Collate, columns, decode
+from ray_suti.train.data import Collate
+from ray_suti.train.prepare import columns, decode
 from ray_suti.world.oracle import OracleConfig, oracle_example
 
 
@@ -27,6 +28,34 @@ def test_decode_skips_broken_records_and_resizes():
     good = _png(img)
     for broken in (b"", b"<html>", good[:40], _png(np.zeros((1, 1, 3), np.uint8))):
         assert decode(broken, 32) is None
+
+
+def test_a_prepare_pickles_small_and_unpickles_without_torch_or_transformers(tmp_path):
+    """Ray Train's controller and Ray Data's coordinators unpickle the dataset plan that holds the
+    ``Prepare`` before a row moves; it carries its tokenizer as the checkpoint's name."""
+    import pickle
+    import subprocess
+    import sys
+
+    from ray_suti.model.presets import get_preset
+    from ray_suti.train.prepare import Prepare
+
+    cfg = TrainConfig(max_demos=3)
+    (tmp_path / "prepare.pkl").write_bytes(pickle.dumps(Prepare(cfg, "tiny-32", 32)))
+    assert (tmp_path / "prepare.pkl").stat().st_size < 4096  # a pickled tokenizer was 2.5 MB
+    probe = ("import pickle, sys; pickle.load(open(sys.argv[1], 'rb')); "
+             "print(sorted({'torch', 'transformers', 'open_clip'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "prepare.pkl")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    rows = [oracle_example(OracleConfig(num_demos=3), i) for i in range(4)]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    length = get_preset("tiny-32").max_text_len
+    by_name = pickle.loads((tmp_path / "prepare.pkl").read_bytes())(batch)
+    by_object = Prepare(cfg, clip_tokenizer(length), 32, length)(batch)
+    assert by_name.keys() == by_object.keys()
+    for key in by_name:
+        np.testing.assert_array_equal(by_name[key], by_object[key])
 
 
 def test_icl_batches_pick_1_to_k_demos_and_draw_dropouts():

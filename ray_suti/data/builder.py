@@ -27,7 +27,6 @@ from ..schemas import ICL_CLUSTER_SCHEMA
 from ..utils import storage
 from ..utils.images import MIN_SIDE, inspect_image
 from .captions import clean_caption
-from .clip import default_shifts
 from .urls import normalize_page_url
 
 WEB_COLUMNS = {"key": pa.string(), "page_url": pa.string(), "caption": pa.string(), "image": pa.binary()}
@@ -408,6 +407,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
     from ray.data import ActorPoolStrategy
 
     from ..utils.ray_utils import init_ray, pool_actor_cpus
+    from .clip import default_shifts  # torch: here and in the embedding actors, not in every task
 
     files, fs, skipped = check_shards(cfg.input, cfg.tolerate_bad_shards)
     if cfg.captioner != "alt" and not storage.is_dir(cfg.captioner):

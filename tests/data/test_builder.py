@@ -164,6 +164,16 @@ def test_bad_tar_shards_fail_naming_the_file(tmp_path):
         check_shards(str(tmp_path), tolerate=True)
 
 
+def test_the_builders_tasks_import_no_torch():
+    # Ray Data's read, validate and cluster tasks unpickle functions of builder.py: importing it
+    # must not pull in torch (seconds of CPU in each task process); only the embedding actors need it
+    import subprocess
+    import sys
+
+    probe = "import sys, ray_suti.data.builder; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
 def test_unknown_captioner_fails_before_any_work(built, tmp_path):
     cfg = built[0]
     with pytest.raises(ValueError, match="--captioner"):

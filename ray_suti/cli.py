@@ -166,9 +166,6 @@ def _demo(args: argparse.Namespace) -> int:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-DTYPES = ("bf16", "fp16", "fp32")  # model.loading.DTYPES (not imported here: torch loads slowly)
-
-
 def load_pipeline(checkpoint: str, torch_dtype=None):
     from .model import load_pipeline as load
 
@@ -200,9 +197,9 @@ def _generate(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA GPU here")
-    from .model.loading import DTYPES as TORCH_DTYPES
+    from .model.loading import torch_dtype
 
-    dtype = TORCH_DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     pipe = load_pipeline(args.checkpoint).set_scheduler(args.scheduler).to(args.device, dtype)
     if (args.subject is None) == (args.kb is None):
         raise SystemExit("error: give --subject photos or a --kb knowledge base")
@@ -236,6 +233,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model.loading import DTYPES
     from .model.schedulers import GUIDANCE_MODES, SCHEDULER_NAMES
     from .world.crawl import WorldConfig
 
@@ -316,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", metavar="SCHEDULER",
                    help="ddim, dpm++, euler, euler-a, unipc, ... or a diffusers scheduler class name")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp16/bf16 halve memory on a GPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16/bf16 halve memory on a GPU")
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                    help="where and how large, as fractions of the image (checkpoints trained with controls)")
     p.add_argument("--keypoints", type=float, nargs=4, metavar=("TOP_X", "TOP_Y", "SIDE_X", "SIDE_Y"),

@@ -75,3 +75,14 @@ def test_cli_habits_version_pipeline_order_and_a_public_host_needing_keys(monkey
     monkeypatch.delenv("SUTI_API_TOKEN", raising=False)
     with pytest.raises(SystemExit, match="--host 0.0.0.0: the API needs credentials"):
         main(["serve", "--host", "0.0.0.0", "--replicas", "1"])
+
+
+def test_the_cli_parser_loads_no_model_stack():
+    """Every command builds the parser first: `ray-suti client` (an HTTP client) and `--help` must
+    not load torch or the model libraries (seconds of CPU per call)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from ray_suti.cli import build_parser; build_parser(); "
+             "print(sorted({'torch', 'transformers', 'diffusers', 'open_clip'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"

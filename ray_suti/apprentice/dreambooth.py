@@ -17,11 +17,12 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from ..model.inputs import subject_tensor
+if TYPE_CHECKING:  # torch is imported where an expert trains or samples: the config is read by the CLI
+    import torch
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,16 @@ class Expert:
         layers = get_peft_model_state_dict(self.pipe.unet)  # PEFT keys: what diffusers' loaders read back whole
         StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers, safe_serialization=True)
 
-    @torch.no_grad()
     def sample(self, prompts: list[str], seed: int, num_images_per_prompt: int = 1) -> np.ndarray:
         """-> (len(prompts) * num_images_per_prompt, H, W, 3) float in [0, 1]."""
+        import torch
+
         texts = [with_identifier(p, self.class_word, self.cfg.identifier) for p in prompts]
         generator = torch.Generator(self.pipe.device).manual_seed(seed)
-        return self.pipe(texts, None, num_inference_steps=self.cfg.sample_steps, guidance_scale_text=self.cfg.guidance,
-                         generator=generator, num_images_per_prompt=num_images_per_prompt, output_type="np").images
+        with torch.no_grad():
+            return self.pipe(texts, None, num_inference_steps=self.cfg.sample_steps,
+                             guidance_scale_text=self.cfg.guidance, generator=generator,
+                             num_images_per_prompt=num_images_per_prompt, output_type="np").images
 
 
 def _training_loss(model, scheduler, targets, prompt_ids, generator) -> torch.Tensor:
@@ -93,6 +97,10 @@ def _training_loss(model, scheduler, targets, prompt_ids, generator) -> torch.Te
 def dreambooth_expert(pipe, photos: list, captions: list[str] | None, class_word: str, cfg: DreamBoothConfig):
     """Fine-tunes ``pipe``'s UNet on one subject in place, yields an ``Expert``, then restores the
     base weights (LoRA adapter removed, or the full fine-tune's weights put back)."""
+    import torch
+
+    from ..model.inputs import subject_tensor
+
     if not photos:
         raise ValueError("DreamBooth needs at least one photo")
     model, unet = pipe.model, pipe.unet

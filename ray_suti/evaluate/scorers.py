@@ -16,10 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..data.clip import default_shifts, embed_images, embed_texts, load_clip
-
+# torch and the CLIP code are imported where scoring happens: the CLI reads ScorerConfig
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 TINY_DINO = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3)  # ViT-S/16's shape, scaled down
@@ -28,6 +26,7 @@ TINY_DINO = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3) 
 def load_dino(model: str = "tiny", pretrained: str = "", device: str = "cpu"):
     """-> (timm ViT returning its [CLS] embedding, input size). ``pretrained``: a path or a URI."""
     import timm
+    import torch
     from timm.models.vision_transformer import VisionTransformer
 
     from ..utils.storage import local_copy
@@ -48,14 +47,16 @@ def load_dino(model: str = "tiny", pretrained: str = "", device: str = "cpu"):
     return vit.to(device).eval(), size
 
 
-@torch.no_grad()
 def embed_dino(vit, images, size: int, device: str = "cpu") -> np.ndarray:
     """PIL images -> (N, D) unit [CLS] embeddings (centre square, bicubic, ImageNet normalisation)."""
+    import torch
+
     from ..model.inputs import square
 
     arrays = [(np.asarray(square(img.convert("RGB"), size), np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
               for img in images]
-    feats = vit(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device))
+    with torch.no_grad():
+        feats = vit(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device))
     return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
 
 
@@ -75,6 +76,8 @@ class Scorers:
     """Loads CLIP and DINO once; scores one subject's generated images against its real photos."""
 
     def __init__(self, cfg: ScorerConfig, device: str = "cpu"):
+        from ..data.clip import default_shifts, load_clip
+
         self.cfg, self.device = cfg, device
         self.clip, self.clip_size = load_clip(cfg.clip_model, cfg.clip_pretrained, device)
         self.shifts = default_shifts(cfg.clip_model)  # the same embedding as the dataset builder's
@@ -82,12 +85,16 @@ class Scorers:
 
     def references(self, photos) -> dict:
         """Embeddings of the subject's real photos, computed once per subject."""
+        from ..data.clip import embed_images
+
         return {"clip": embed_images(self.clip, photos, self.clip_size, self.device, self.shifts),
                 "dino": embed_dino(self.dino, photos, self.dino_size, self.device)}
 
     def score(self, images, prompts: list[str], refs: dict, exclude: list[int | None] | None = None) -> dict:
         """images[i] was drawn for prompts[i]. ``exclude[i]`` is the reference photo an output *is*
         (copy-a-demo), left out of its own comparison as DreamBench's real-image row does."""
+        from ..data.clip import embed_images, embed_texts
+
         clip_i = embed_images(self.clip, images, self.clip_size, self.device, self.shifts)
         dino = embed_dino(self.dino, images, self.dino_size, self.device)
         texts = embed_texts(self.clip, prompts, self.cfg.clip_model, self.device)

@@ -7,15 +7,17 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..utils.storage import local_copy, staged
 from .presets import PRESETS, SuTIConfig, get_preset
 
 if TYPE_CHECKING:
+    import torch
+
     from .suti import SuTIModel
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype of the CLI and Serve
+# --dtype of the CLI and Serve -> torch's name; this module imports no torch (Ray Data tasks read
+# tokenizers and sizes of checkpoints through it)
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -43,7 +45,16 @@ def suti_config_of(pipe) -> SuTIConfig:
         beta_schedule=sched.beta_schedule)
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """``DTYPES``' name (fp32, fp16, bf16) -> the torch dtype."""
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
 def model_from_preset(name: str, seed: int = 0) -> SuTIModel:
+    import torch
+
     from .suti import SuTIModel
 
     config = get_preset(name)
@@ -188,7 +199,7 @@ def from_single_file(cls, path: str, torch_dtype=None):
 def single_file_metadata(path: str) -> dict:
     from safetensors import safe_open
 
-    with safe_open(local_copy(path), framework="pt") as f:
+    with safe_open(local_copy(path), framework="numpy") as f:  # "pt" would import torch
         return dict(f.metadata())
 
 

@@ -68,7 +68,7 @@ class Generator:
         import torch
         from PIL import Image
 
-        from ..model.loading import DTYPES
+        from ..model.loading import torch_dtype
         from ..model.pipeline import load_pipeline
         from ..utils.storage import content_id
 
@@ -76,7 +76,7 @@ class Generator:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(checkpoint).set_scheduler(scheduler).to(self.device)
         if dtype != "fp32":  # as loaded otherwise (a cast to fp32 would warn about modules kept in fp32)
-            self.pipe.to(DTYPES[dtype])
+            self.pipe.to(torch_dtype(dtype))
         self.pipe.set_progress_bar_config(disable=True)
         if warmup:  # the first request should not pay for lazy initialisation (kernels, allocators, caches)
             self.pipe("warm-up", [Image.new("RGB", (64, 64), "gray")], num_inference_steps=2, output_type="np")

@@ -80,6 +80,16 @@ def pytest_collection_modifyitems(session, config, items):
             item.fixturenames.append("start_early_runs")
 
 
+MODEL_LIBRARIES = ("torch", "transformers", "diffusers", "open_clip")
+
+
+def model_libraries_loaded_by(code: str, *args: str) -> list[str]:
+    """The model libraries a fresh interpreter has imported after running ``code`` (with ``args`` as
+    ``sys.argv[1:]``): what a process Ray starts, or a CLI call, pays for before any work."""
+    probe = f"import sys\n{code}\nprint(*sorted(set({MODEL_LIBRARIES!r}) & set(sys.modules)))"
+    return subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True).stdout.split()
+
+
 def _ray_is_up() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()

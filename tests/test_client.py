@@ -80,9 +80,6 @@ def test_cli_habits_version_pipeline_order_and_a_public_host_needing_keys(monkey
 def test_the_cli_parser_loads_no_model_stack():
     """Every command builds the parser first: `ray-suti client` (an HTTP client) and `--help` must
     not load torch or the model libraries (seconds of CPU per call)."""
-    import subprocess
-    import sys
+    from .conftest import model_libraries_loaded_by
 
-    probe = ("import sys; from ray_suti.cli import build_parser; build_parser(); "
-             "print(sorted({'torch', 'transformers', 'diffusers', 'open_clip'} & set(sys.modules)))")
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert model_libraries_loaded_by("from ray_suti.cli import build_parser; build_parser()") == []

@@ -10,6 +10,8 @@ from ray_suti.data.captions import clean_caption
 from ray_suti.schemas import ICL_CLUSTER_SCHEMA
 from ray_suti.world.crawl import WorldConfig, generate_world
 
+from ..conftest import model_libraries_loaded_by
+
 PAGES = 60
 
 
@@ -167,11 +169,7 @@ def test_bad_tar_shards_fail_naming_the_file(tmp_path):
 def test_the_builders_tasks_import_no_torch():
     # Ray Data's read, validate and cluster tasks unpickle functions of builder.py: importing it
     # must not pull in torch (seconds of CPU in each task process); only the embedding actors need it
-    import subprocess
-    import sys
-
-    probe = "import sys, ray_suti.data.builder; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert model_libraries_loaded_by("import ray_suti.data.builder") == []
 
 
 def test_unknown_captioner_fails_before_any_work(built, tmp_path):

@@ -13,6 +13,8 @@ from ray_suti.train.data import Collate
 from ray_suti.train.prepare import columns, decode
 from ray_suti.world.oracle import OracleConfig, oracle_example
 
+from ..conftest import model_libraries_loaded_by
+
 
 def _png(array):
     buf = io.BytesIO()
@@ -34,8 +36,6 @@ def test_a_prepare_pickles_small_and_unpickles_without_torch_or_transformers(tmp
     """Ray Train's controller and Ray Data's coordinators unpickle the dataset plan that holds the
     ``Prepare`` before a row moves; it carries its tokenizer as the checkpoint's name."""
     import pickle
-    import subprocess
-    import sys
 
     from ray_suti.model.presets import get_preset
     from ray_suti.train.prepare import Prepare
@@ -43,11 +43,7 @@ def test_a_prepare_pickles_small_and_unpickles_without_torch_or_transformers(tmp
     cfg = TrainConfig(max_demos=3)
     (tmp_path / "prepare.pkl").write_bytes(pickle.dumps(Prepare(cfg, "tiny-32", 32)))
     assert (tmp_path / "prepare.pkl").stat().st_size < 4096  # a pickled tokenizer was 2.5 MB
-    probe = ("import pickle, sys; pickle.load(open(sys.argv[1], 'rb')); "
-             "print(sorted({'torch', 'transformers', 'open_clip'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "prepare.pkl")], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[]"
+    assert model_libraries_loaded_by("import pickle; pickle.load(open(sys.argv[1], 'rb'))", str(tmp_path / "prepare.pkl")) == []
     rows = [oracle_example(OracleConfig(num_demos=3), i) for i in range(4)]
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     length = get_preset("tiny-32").max_text_len

@@ -2,6 +2,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +37,7 @@ WITHOUT_RAY = ("tests/model/", "tests/apprentice/test_dreambooth.py", "tests/app
                "tests/train/test_memory.py", "tests/train/test_resume.py", "tests/train/test_zero3_ema.py",
                "tests/utils/test_publish.py", "tests/utils/test_storage.py", "tests/world/test_controls.py")
 # The tests on the two-node cluster (`ray_cluster`), a lane of their own beside the session's Ray:
-ON_THE_CLUSTER = ("tests/utils/test_rehearsal.py::test_every_stage_runs_work_on_both_nodes",
-                  "tests/apprentice/test_job.py::test_a_killed_job_rerun_equals_a_clean_run")
+ON_THE_CLUSTER = ("tests/apprentice/test_job.py::test_a_killed_job_rerun_equals_a_clean_run",)
 
 
 def lane(nodeid: str) -> str:
@@ -160,19 +161,49 @@ def start_early_runs(early_runs):
             early_runs.start(name)
 
 
+BACKGROUND_MARK = "RAY_SUTI_TEST_BACKGROUND"  # in the environment of a background run's processes
+
+
 def start_early_command(command: list, folder: Path, background: bool = False, **popen) -> subprocess.Popen:
     """An early run's process (see ``EarlyRuns``): its own session and process group, its output in
     ``folder``/stdout.txt and stderr.txt. A ``background`` run gets the least CPU share: nice 19, and
-    for its session's autogroup too (where Linux groups by session, nice counts only inside a group)."""
+    for its session's autogroup too (where Linux groups by session, nice counts only inside a group);
+    its processes that open sessions of their own (the drivers Ray's job supervisor starts) are
+    given the same share as they appear (``_keep_in_background``)."""
+    if background:
+        popen["env"] = {**popen.get("env", os.environ), BACKGROUND_MARK: str(folder)}
     with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True, **popen)
     if background:  # right away: the children it starts later inherit both
-        os.setpriority(os.PRIO_PROCESS, process.pid, 19)
-        try:
-            Path(f"/proc/{process.pid}/autogroup").write_text("19")
-        except OSError:
-            pass  # no autogroup scheduling here: nice alone does it
+        _least_share(process.pid)
+        threading.Thread(target=_keep_in_background, args=(process, str(folder)), daemon=True).start()
     return process
+
+
+def _least_share(pid: int) -> None:
+    os.setpriority(os.PRIO_PROCESS, pid, 19)
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text("19")
+    except OSError:
+        pass  # no autogroup scheduling here: nice alone does it
+
+
+def _keep_in_background(process: subprocess.Popen, mark: str) -> None:
+    """Until ``process`` ends, every second: its descendants that lead sessions of their own (they
+    inherited its environment's mark) get the least share too."""
+    seen = set()
+    while process.poll() is None:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                marked = f"{BACKGROUND_MARK}={mark}\0".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+                if marked and os.getsid(int(pid)) == int(pid):
+                    _least_share(int(pid))
+            except OSError:
+                pass  # it ended meanwhile
+        time.sleep(1)
 
 
 @pytest.fixture
@@ -207,7 +238,8 @@ def dreambench_dir():
 def ray_cluster():
     """A real two-node cluster: `ray start --head` and one `ray start --address` worker node on
     127.0.0.1 (2 CPUs each), stopped through their own processes (never `ray stop`, which would end
-    every Ray on the machine). Shared by the tests that submit jobs, the multi-node rehearsal's among them."""
+    every Ray on the machine), for the tests that submit jobs (the multi-node rehearsal starts one of
+    its own, as a user's run does)."""
     from ray_suti.utils.local_cluster import LocalCluster
 
     with LocalCluster(head_cpus=2) as cluster:

@@ -66,8 +66,10 @@ class LocalCluster:
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
         log = open(os.path.join(self.temp_dir, f"{name}.log"), "w")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        # A process group of its own (stopped as one; a terminal's Ctrl-C goes to the caller alone),
+        # in the caller's session: where Linux shares the CPU by session, the nodes share the caller's.
+        self.procs.append(subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT, process_group=0))
 
     def add_worker(self, cpus: int = 1, resources: dict | None = None, timeout_s: float = 120) -> None:
         """Starts one more node and waits until the cluster counts it."""

@@ -43,12 +43,9 @@ def _work_by_job_and_node(dashboard: str) -> Counter:
     return counts
 
 
-def rehearse(out: str, pages: int = 40, train_steps: int = 4, cpus_per_node: int = 2, timeout_s: float = 900,
-             cluster=None) -> dict:
-    """``cluster``: a running ``LocalCluster`` with one worker node to use (a test session's); by
-    default one is started here and stopped at the end. Paths go to the jobs as ``file://`` URIs,
-    as on a cluster with object storage and no shared file system."""
-    import contextlib
+def rehearse(out: str, pages: int = 40, train_steps: int = 4, cpus_per_node: int = 2, timeout_s: float = 900) -> dict:
+    """Starts the two-node cluster, runs the stages as jobs, stops it. Paths go to the jobs as
+    ``file://`` URIs, as on a cluster with object storage and no shared file system."""
     from pathlib import Path
 
     from ray.job_submission import JobSubmissionClient
@@ -68,10 +65,8 @@ def rehearse(out: str, pages: int = 40, train_steps: int = 4, cpus_per_node: int
                  f"--checkpoint-every {train_steps} --report-every 1 --storage-path {uri}/train --name rehearsal "
                  f"--export-file {uri}/model.safetensors --export {uri}/model",
     }
-    with contextlib.ExitStack() as stack:
-        if cluster is None:
-            cluster = stack.enter_context(LocalCluster(head_cpus=cpus_per_node))
-            cluster.add_worker(cpus=cpus_per_node)
+    with LocalCluster(head_cpus=cpus_per_node) as cluster:
+        cluster.add_worker(cpus=cpus_per_node)
         nodes = cluster.alive_nodes()
         head_id = next(n.node_id for n in nodes if n.is_head_node)
         names = {n.node_id: "head" if n.node_id == head_id else "worker" for n in nodes}

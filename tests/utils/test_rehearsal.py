@@ -1,19 +1,30 @@
-"""The multi-node rehearsal on the tests' two-node cluster: real jobs submitted to the head, every
-path a file:// URI as on a cluster with object storage; each stage's work lands on both nodes."""
+"""The multi-node rehearsal as a user runs it (`python -m ray_suti.utils.rehearsal`): a two-node
+cluster of its own, real jobs submitted to the head, every path a file:// URI as on a cluster with
+object storage; each stage's work lands on both nodes."""
 import json
+import sys
 
 import pyarrow.parquet as pq
 import pytest
 
 from ray_suti import SuTIPipeline
-from ray_suti.utils.rehearsal import rehearse
+
+from ..conftest import start_early_command
 
 pytestmark = pytest.mark.slow
 
 
-def test_every_stage_runs_work_on_both_nodes(tmp_path, ray_cluster):
-    out = tmp_path / "rehearsal"
-    result = rehearse(str(out), pages=20, train_steps=2, cluster=ray_cluster)
+def start_early(folder):
+    """Self-contained and ~150 s of CPU: it runs from the session's start in the background
+    (tests/conftest.py, ``EarlyRuns``), on the share of the cores the other tests leave idle."""
+    cmd = [sys.executable, "-m", "ray_suti.utils.rehearsal", "--out", str(folder / "rehearsal"), "--pages", "20",
+           "--train-steps", "2", "--json", str(folder / "result.json")]
+    return start_early_command(cmd, folder, background=True)
+
+
+def test_every_stage_runs_work_on_both_nodes(early_run):
+    early_run.join(timeout=1500)
+    out, result = early_run.folder / "rehearsal", json.loads((early_run.folder / "result.json").read_text())
     assert result["nodes"] == {"head": 2, "worker": 2}
     for stage in ("world", "build_dataset", "train"):
         info = result["stages"][stage]

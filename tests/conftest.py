@@ -123,7 +123,9 @@ class EarlyRuns(dict):
     ``early_run``. They run beside the tests, in a session of their own (so, with Linux's autogroup
     scheduling, with a share of the cores equal to the rest of the suite's, or the least share for
     a ``background`` one), and fill the share of the two cores the rest leaves idle; their tests
-    join them where they stand."""
+    join them where they stand. A module's ``START_EARLY_WITH`` (the start of test ids) starts its
+    run with the first of those tests instead: the suite's first minutes keep both cores busy, so a
+    background run started then would only wait (one that starts Ray, for minutes)."""
 
     def __init__(self, modules: dict, tmp_path_factory):
         super().__init__()
@@ -156,12 +158,25 @@ def start_early_runs(early_runs):
     """Asked for by the Ray lane's tests, so its first test starts the early runs: all of them in one
     process; with xdist only the Ray lane's (a worker cannot tell which lanes it will get, and two
     workers must not start the same run: another lane's run starts when its test asks)."""
-    for name, (_, where) in early_runs.modules.items():
-        if "PYTEST_XDIST_WORKER" not in os.environ or where == "ray":
+    for name, (module, where) in early_runs.modules.items():
+        if ("PYTEST_XDIST_WORKER" not in os.environ or where == "ray") and not hasattr(module, "START_EARLY_WITH"):
+            early_runs.start(name)
+
+
+@pytest.fixture(autouse=True)
+def start_deferred_early_runs(request, early_runs):
+    """The early runs whose ``START_EARLY_WITH`` this test's id begins with (without xdist; with it,
+    such a run starts when its own test asks)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    for name, (module, _) in early_runs.modules.items():
+        if request.node.nodeid.startswith(getattr(module, "START_EARLY_WITH", "\0")):
             early_runs.start(name)
 
 
 BACKGROUND_MARK = "RAY_SUTI_TEST_BACKGROUND"  # in the environment of a background run's processes
+BACKGROUND_RAY_TIMEOUTS = {"RAY_worker_register_timeout_seconds": "600", "RAY_agent_register_timeout_ms": "600000",
+                           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 
 
 def start_early_command(command: list, folder: Path, background: bool = False, **popen) -> subprocess.Popen:
@@ -170,8 +185,8 @@ def start_early_command(command: list, folder: Path, background: bool = False, *
     for its session's autogroup too (where Linux groups by session, nice counts only inside a group);
     its processes that open sessions of their own (the drivers Ray's job supervisor starts) are
     given the same share as they appear (``_keep_in_background``)."""
-    if background:
-        popen["env"] = {**popen.get("env", os.environ), BACKGROUND_MARK: str(folder)}
+    if background:  # it may wait minutes for a core: Ray's start-up deadlines stretched to match
+        popen["env"] = {**popen.get("env", os.environ), BACKGROUND_MARK: str(folder), **BACKGROUND_RAY_TIMEOUTS}
     with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True, **popen)
     if background:  # right away: the children it starts later inherit both

@@ -44,8 +44,9 @@ def _work_by_job_and_node(dashboard: str) -> Counter:
 
 
 def rehearse(out: str, pages: int = 40, train_steps: int = 4, cpus_per_node: int = 2, timeout_s: float = 900) -> dict:
-    """Starts the two-node cluster, runs the stages as jobs, stops it. Paths go to the jobs as
-    ``file://`` URIs, as on a cluster with object storage and no shared file system."""
+    """Starts the two-node cluster, runs the stages as jobs, stops it; ``timeout_s`` for the cluster
+    to come up and for each job. Paths go to the jobs as ``file://`` URIs, as on a cluster with
+    object storage and no shared file system."""
     from pathlib import Path
 
     from ray.job_submission import JobSubmissionClient
@@ -65,8 +66,8 @@ def rehearse(out: str, pages: int = 40, train_steps: int = 4, cpus_per_node: int
                  f"--checkpoint-every {train_steps} --report-every 1 --storage-path {uri}/train --name rehearsal "
                  f"--export-file {uri}/model.safetensors --export {uri}/model",
     }
-    with LocalCluster(head_cpus=cpus_per_node) as cluster:
-        cluster.add_worker(cpus=cpus_per_node)
+    with LocalCluster(head_cpus=cpus_per_node, timeout_s=timeout_s) as cluster:
+        cluster.add_worker(cpus=cpus_per_node, timeout_s=timeout_s)
         nodes = cluster.alive_nodes()
         head_id = next(n.node_id for n in nodes if n.is_head_node)
         names = {n.node_id: "head" if n.node_id == head_id else "worker" for n in nodes}

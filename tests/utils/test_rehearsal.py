@@ -14,16 +14,19 @@ from ..conftest import start_early_command
 pytestmark = pytest.mark.slow
 
 
+START_EARLY_WITH = "tests/model/"  # one-process tests from there on: the suite leaves cores idle
+
+
 def start_early(folder):
-    """Self-contained and ~150 s of CPU: it runs from the session's start in the background
-    (tests/conftest.py, ``EarlyRuns``), on the share of the cores the other tests leave idle."""
+    """Self-contained, ~150 s of CPU: it runs in the background (tests/conftest.py, ``EarlyRuns``)
+    from the model tests on, on the share of the cores the other tests leave idle."""
     cmd = [sys.executable, "-m", "ray_suti.utils.rehearsal", "--out", str(folder / "rehearsal"), "--pages", "20",
            "--train-steps", "2", "--json", str(folder / "result.json")]
     return start_early_command(cmd, folder, background=True)
 
 
 def test_every_stage_runs_work_on_both_nodes(early_run):
-    early_run.join(timeout=1500)
+    early_run.join(timeout=1800)
     out, result = early_run.folder / "rehearsal", json.loads((early_run.folder / "result.json").read_text())
     assert result["nodes"] == {"head": 2, "worker": 2}
     for stage in ("world", "build_dataset", "train"):

@@ -72,13 +72,10 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(session, config, items):
     """The tests that join an early run come after the rest (the later they join, the more of their
     run was done beside the others), and the cluster's tests last (without xdist, its nodes then live
-    only while they run; idle they still cost ~0.07 cores), their nodes starting with the first test
-    that joins an early run. The Ray lane's first test starts the early runs."""
+    only while they run; idle they still cost ~0.07 cores). The Ray lane's first test starts the
+    early runs."""
     # stable: the order is kept otherwise
     items.sort(key=lambda item: ("ray_cluster" in item.fixturenames, "early_run" in item.fixturenames))
-    joining = [item for item in items if "early_run" in item.fixturenames and "ray_cluster" not in item.fixturenames]
-    if joining and "PYTEST_XDIST_WORKER" not in os.environ and any("ray_cluster" in i.fixturenames for i in items):
-        joining[0].fixturenames.append("ray_cluster_starting")  # the cluster's start beside them
     for item in items:
         on_the_cluster = "ray_cluster" in item.fixturenames
         if on_the_cluster != (lane(item.nodeid) == "cluster"):
@@ -256,36 +253,16 @@ def dreambench_dir():
 
 
 @pytest.fixture(scope="session")
-def ray_cluster_starting():
-    """``ray_cluster``'s nodes coming up in a thread (a future of the cluster), stopped at the end."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ray_suti.utils.local_cluster import LocalCluster
-
-    def start():
-        cluster = LocalCluster(head_cpus=2)
-        try:
-            cluster.add_worker(cpus=2)
-        except BaseException:
-            cluster.stop()
-            raise
-        return cluster
-
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(start)
-        yield future
-    if future.exception() is None:
-        future.result().stop()
-
-
-@pytest.fixture(scope="session")
-def ray_cluster(ray_cluster_starting):
+def ray_cluster():
     """A real two-node cluster: `ray start --head` and one `ray start --address` worker node on
     127.0.0.1 (2 CPUs each), stopped through their own processes (never `ray stop`, which would end
     every Ray on the machine), for the tests that submit jobs (the multi-node rehearsal starts one of
-    its own, as a user's run does). Without xdist its nodes start with the tests that join early
-    runs, just before (``pytest_collection_modifyitems``): the demo's test leaves a core idle."""
-    return ray_cluster_starting.result()
+    its own, as a user's run does)."""
+    from ray_suti.utils.local_cluster import LocalCluster
+
+    with LocalCluster(head_cpus=2) as cluster:
+        cluster.add_worker(cpus=2)
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -18,11 +18,19 @@ def _busy_ticks() -> int:
     return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
 
+# Under xdist the controller logs every test (the workers would log theirs twice).
+_IN_A_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+
+
 def pytest_runtest_logstart(nodeid, location):
+    if _IN_A_WORKER:
+        return
     _started[nodeid] = (time.time(), _busy_ticks())
 
 
 def pytest_runtest_logfinish(nodeid, location):
+    if _IN_A_WORKER:
+        return
     t0, busy0 = _started.pop(nodeid)
     wall = time.time() - t0
     cores = (_busy_ticks() - busy0) / os.sysconf("SC_CLK_TCK") / wall if wall > 0 else 0.0

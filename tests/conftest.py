@@ -18,6 +18,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Every Ray the suite starts (inherited): a node's log monitor globs the log folder every 0.1 s
 # below 1,000 files, and every 0.5 s above; 0.5 s always (an idle node's monitor 0.009 -> 0.005 cores)
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+# Ray Data's default Parquet path (V2) starts a listing task and footer-reading actors per read, new
+# processes each (~1.3 s of CPU apiece, ~30 reads a suite); the suite's own Rays read through V1,
+# Ray's other supported path. The runs made as a user makes them keep Ray's default (AS_A_USER).
+os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
+AS_A_USER = {"RAY_DATA_USE_DATASOURCE_V2": "1"}  # the demo's and the rehearsal's runs: V2 end to end
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench-sample"
@@ -29,8 +34,8 @@ def pytest_report_header(config):
     return f"DreamBench sample: {'found at ' + str(DREAMBENCH) if found else 'ABSENT (' + str(DREAMBENCH) + '): its tests skip'}"
 
 
-# Lanes for `make test PYTEST_ARGS="-n 2"` (two xdist workers; see pytest_xdist_make_scheduler).
-# The modules that start no Ray at all run beside the Ray tests (a test here that starts Ray fails):
+# Lanes for `make test` (two xdist workers; see pytest_xdist_make_scheduler). The modules that start
+# no Ray at all run beside the Ray tests, at the least CPU share (a test here that starts Ray fails):
 WITHOUT_RAY = ("tests/model/", "tests/apprentice/test_dreambooth.py", "tests/apprentice/test_prompts.py",
                "tests/bench/", "tests/data/test_captions.py", "tests/data/test_records.py",
                "tests/data/test_train_clip_render.py", "tests/data/test_urls.py",
@@ -44,17 +49,18 @@ ON_THE_CLUSTER = ("tests/apprentice/test_job.py::test_a_killed_job_rerun_equals_
 
 
 def lane(nodeid: str) -> str:
-    """"ray" (one after another, on the session's Ray), "cluster", or the test's own id (anywhere)."""
+    """"ray" (on the session's Ray), "without_ray" or "cluster": each runs on one worker, in order."""
     if nodeid.split("[")[0] in ON_THE_CLUSTER:
         return "cluster"
-    return nodeid if nodeid.startswith(WITHOUT_RAY) else "ray"
+    return "without_ray" if nodeid.startswith(WITHOUT_RAY) else "ray"
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """xdist's load-scope scheduling with the lanes as scopes: a scope runs on one worker, in order,
-    the largest first. So one worker runs the Ray lane from the start, and the other the cluster's
-    tests and then the rest, on the share of the two cores the Ray lane leaves idle.
+    the largest first. So one worker runs the tests without Ray from the start, at the least CPU
+    share (``_without_ray_holds``: on the cores the Ray tests leave idle), the other the Ray lane,
+    and whichever is done first the cluster's test.
     (xdist's own `--dist loadgroup` marks scopes by renaming a test's node id, which pytest 9.2
     ignores.)"""
     from xdist.scheduler import LoadScopeScheduling
@@ -72,16 +78,13 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(session, config, items):
     """The tests that join an early run come after the rest (the later they join, the more of their
     run was done beside the others), and the cluster's tests last (without xdist, its nodes then live
-    only while they run; idle they still cost ~0.07 cores). The Ray lane's first test starts the
-    early runs."""
+    only while they run; idle they still cost ~0.07 cores)."""
     # stable: the order is kept otherwise
     items.sort(key=lambda item: ("ray_cluster" in item.fixturenames, "early_run" in item.fixturenames))
     for item in items:
         on_the_cluster = "ray_cluster" in item.fixturenames
         if on_the_cluster != (lane(item.nodeid) == "cluster"):
             raise pytest.UsageError(f"{item.nodeid}: list it in ON_THE_CLUSTER exactly when it uses ray_cluster")
-        if lane(item.nodeid) == "ray" and "start_early_runs" not in item.fixturenames:
-            item.fixturenames.append("start_early_runs")
 
 
 MODEL_LIBRARIES = ("torch", "transformers", "diffusers", "open_clip")
@@ -101,7 +104,10 @@ def _ray_is_up() -> bool:
 
 @pytest.fixture(autouse=True)
 def _without_ray_holds(request):
-    """A WITHOUT_RAY module runs beside the Ray lane: it must not start a Ray of its own."""
+    """A WITHOUT_RAY module runs beside the Ray lane: it must not start a Ray of its own. Under
+    xdist its worker takes the least CPU share at its first such test (``_to_background``)."""
+    if "PYTEST_XDIST_WORKER" in os.environ and lane(request.node.nodeid) == "without_ray":
+        _to_background()
     before = _ray_is_up()
     yield
     if request.node.nodeid.startswith(WITHOUT_RAY) and _ray_is_up() and not before:
@@ -121,14 +127,14 @@ class EarlyRun:
 
 
 class EarlyRuns(dict):
-    """Slow, self-contained runs started with the Ray lane: a test module's ``start_early(folder)``
+    """Slow, self-contained runs started with the first test: a test module's ``start_early(folder)``
     (a Popen of a command, its output to files in ``folder``) when one of its tests asks for
     ``early_run``. They run beside the tests, in a session of their own (so, with Linux's autogroup
     scheduling, with a share of the cores equal to the rest of the suite's, or the least share for
     a ``background`` one), and fill the share of the two cores the rest leaves idle; their tests
-    join them where they stand. A module's ``START_EARLY_WITH`` (the start of test ids) starts its
-    run with the first of those tests instead: the suite's first minutes keep both cores busy, so a
-    background run started then would only wait (one that starts Ray, for minutes)."""
+    join them where they stand. A module's ``START_EARLY_WITH`` (the start of test ids, or a tuple of
+    them) starts its run with the first of those tests instead: the suite's first minutes keep both
+    cores busy, so a background run started then would only wait (one that starts Ray, for minutes)."""
 
     def __init__(self, modules: dict, tmp_path_factory):
         super().__init__()
@@ -156,24 +162,16 @@ def early_runs(request, tmp_path_factory):
             os.killpg(run.process.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
-def start_early_runs(early_runs):
-    """Asked for by the Ray lane's tests, so its first test starts the early runs: all of them in one
-    process; with xdist only the Ray lane's (a worker cannot tell which lanes it will get, and two
-    workers must not start the same run: another lane's run starts when its test asks)."""
-    for name, (module, where) in early_runs.modules.items():
-        if ("PYTEST_XDIST_WORKER" not in os.environ or where == "ray") and not hasattr(module, "START_EARLY_WITH"):
-            early_runs.start(name)
-
-
 @pytest.fixture(autouse=True)
-def start_deferred_early_runs(request, early_runs):
-    """The early runs whose ``START_EARLY_WITH`` this test's id begins with (without xdist; with it,
-    such a run starts when its own test asks)."""
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        return
-    for name, (module, _) in early_runs.modules.items():
-        if request.node.nodeid.startswith(getattr(module, "START_EARLY_WITH", "\0")):
+def start_early_runs(request, early_runs):
+    """Each test starts the early runs not started yet whose ``START_EARLY_WITH`` its id begins with,
+    or all of them without one: so the first test starts those. Under xdist only the runs of its
+    own lane (two workers must not start the same run; a lane runs on one worker)."""
+    here = lane(request.node.nodeid)
+    for name, (module, where) in early_runs.modules.items():
+        if "PYTEST_XDIST_WORKER" in os.environ and where != here:
+            continue
+        if request.node.nodeid.startswith(getattr(module, "START_EARLY_WITH", "")):
             early_runs.start(name)
 
 
@@ -204,6 +202,13 @@ def _least_share(pid: int) -> None:
         Path(f"/proc/{pid}/autogroup").write_text("19")
     except OSError:
         pass  # no autogroup scheduling here: nice alone does it
+
+
+def _to_background() -> None:
+    """This process, once: a session of its own (an autogroup of its own) at the least share."""
+    if os.getsid(0) != os.getpid():
+        os.setsid()
+        _least_share(os.getpid())
 
 
 def _keep_in_background(process: subprocess.Popen, mark: str) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from ray_suti.demo import PRESETS, Stages, demo_config
 from ray_suti.utils.console import Console
 
-from .conftest import REPO, free_port, start_early_command
+from .conftest import AS_A_USER, REPO, free_port, start_early_command
 
 STAGES = ["world", "build_dataset", "pretrain", "apprentice", "train", "evaluate synthetic", "serve"]
 
@@ -22,7 +22,7 @@ def demo_command(out, *extra):
     return [sys.executable, "-m", "ray_suti.cli", "demo", "--preset", "smoke", "--out", str(out), *extra]
 
 
-ENV = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, as on a newcomer's machine
+ENV = {**os.environ, **AS_A_USER, "RAY_ADDRESS": "local"}  # its own Ray, as on a newcomer's machine
 
 
 def start_early(folder):

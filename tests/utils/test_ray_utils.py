@@ -1,6 +1,7 @@
 """Reading Parquet through Ray Data the same way from every job."""
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.data
 
 from ray_suti.utils.ray_utils import read_parquet
 
@@ -12,6 +13,7 @@ def footer_readers() -> int:
 
 
 def test_a_parquet_read_starts_one_footer_reader_per_cluster_cpu(tmp_path, ray_local, monkeypatch):
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "use_datasource_v2", True)  # Ray's default; see conftest
     for i in range(3):
         pq.write_table(pa.table({"x": list(range(10 * i, 10 * i + 10))}), tmp_path / f"{i}.parquet")
     before = footer_readers()

@@ -2,6 +2,7 @@
 cluster of its own, real jobs submitted to the head, every path a file:// URI as on a cluster with
 object storage; each stage's work lands on both nodes."""
 import json
+import os
 import sys
 
 import pyarrow.parquet as pq
@@ -9,12 +10,14 @@ import pytest
 
 from ray_suti import SuTIPipeline
 
-from ..conftest import start_early_command
+from ..conftest import AS_A_USER, start_early_command
 
 pytestmark = pytest.mark.slow
 
 
-START_EARLY_WITH = "tests/model/"  # one-process tests from there on: the suite leaves cores idle
+# The suite leaves cores idle from there on: one process, from its one-process tests; with a worker
+# for those (xdist), the Ray lane from its serving tests
+START_EARLY_WITH = ("tests/model/", "tests/serving/test_app.py")
 
 
 def start_early(folder):
@@ -22,7 +25,7 @@ def start_early(folder):
     from the model tests on, on the share of the cores the other tests leave idle."""
     cmd = [sys.executable, "-m", "ray_suti.utils.rehearsal", "--out", str(folder / "rehearsal"), "--pages", "20",
            "--train-steps", "2", "--json", str(folder / "result.json")]
-    return start_early_command(cmd, folder, background=True)
+    return start_early_command(cmd, folder, background=True, env={**os.environ, **AS_A_USER})
 
 
 def test_every_stage_runs_work_on_both_nodes(early_run):

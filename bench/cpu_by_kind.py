@@ -5,8 +5,9 @@
 Polls /proc every half second; a process counts from its start (its CPU before the first poll
 included) to the last poll that saw it, so processes shorter than a poll are missed. Kinds: Ray
 actors and workers by their title (``ray::TrainController``, ``ray::IDLE`` for a worker that ran
-tasks or none), Ray's daemons by name, ``pytest``, ``cli: <subcommand>``, else the program's name.
-Prints the table (and writes it to ``--out``): seconds, processes, kind.
+tasks or none), Ray's daemons by name, ``pytest`` and its xdist workers, ``cli: <subcommand>``, else
+the program's name. Prints the table (and writes it to ``--out``): seconds, processes, kind; then
+the ``--processes`` costliest processes, each with the start of its command line.
 """
 import argparse
 import collections
@@ -32,13 +33,16 @@ def kind(cmdline: str) -> str:
         words = cmdline.split()
         at = next((i for i, w in enumerate(words) if w.endswith(("ray_suti.cli", "ray-suti"))), 0)
         return "cli: " + " ".join(words[at + 1:at + 2])
-    if "pytest" in cmdline:
+    words = cmdline.split()
+    if "pytest" in " ".join(words[:3]):  # the program, not a path it was given
         return "pytest"
+    if "exec(eval(sys.stdin.readline()))" in cmdline:  # execnet's bootstrap
+        return "pytest (xdist worker)"
     return os.path.basename(cmdline.split()[0])[:30] if cmdline.strip() else "?"
 
 
 def poll(seen: dict, me: int, first: bool = False) -> None:
-    """seen: (pid, start time) -> [CPU ticks at first sight, latest CPU ticks, kind]."""
+    """seen: (pid, start time) -> [CPU ticks at first sight, latest CPU ticks, kind, command line]."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) == me:
             continue
@@ -51,17 +55,18 @@ def poll(seen: dict, me: int, first: bool = False) -> None:
             continue  # it ended meanwhile
         ticks, key = int(fields[11]) + int(fields[12]), (pid, fields[19])
         if key not in seen:  # processes already running at the start count from there
-            seen[key] = [ticks if first else 0, ticks, kind(cmdline)]
+            seen[key] = [ticks if first else 0, ticks, kind(cmdline), cmdline]
         else:
             seen[key][1] = ticks
             if cmdline:  # a Ray worker's title changes once it runs an actor
-                seen[key][2] = kind(cmdline)
+                seen[key][2:] = kind(cmdline), cmdline
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--processes", type=int, default=0, help="also list this many costliest processes")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -74,11 +79,13 @@ def main() -> None:
         time.sleep(0.5)
         poll(seen, os.getpid())
     hz, seconds, count = os.sysconf("SC_CLK_TCK"), collections.Counter(), collections.Counter()
-    for first, last, name in seen.values():
+    for first, last, name, _ in seen.values():
         seconds[name] += (last - first) / hz
         count[name] += 1
     lines = [f"{time.time() - start:.0f} s wall, {sum(seconds.values()):.1f} s CPU in all, exit {process.returncode}"]
     lines += [f"{s:8.1f} s {count[k]:5d}  {k}" for k, s in seconds.most_common(args.top)]
+    costliest = sorted(seen.values(), key=lambda p: p[0] - p[1])[:args.processes]
+    lines += [f"{(last - first) / hz:8.1f} s  {cmdline[:150]}" for first, last, _, cmdline in costliest]
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:

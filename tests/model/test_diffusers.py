@@ -149,11 +149,13 @@ def compile_matches_eager(out: str) -> None:
 
 
 def start_early(folder):
-    """On a cold inductor cache (CI's case) the compilation is ~100 s of C++ on one process: it runs
+    """On a cold inductor cache (CI's case) the compilation is ~100 s of CPU, half of it C++: it runs
     from the session's start in the background (tests/conftest.py, ``EarlyRuns``), on the share of
-    the cores the other tests leave idle, and the test below joins it."""
+    the cores the other tests leave idle, and the test below joins it. One compiling process: a pool
+    of inductor's compile workers would import torch again in each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     return start_early_command([sys.executable, "-m", "tests.model.test_diffusers", str(folder / "compile.json")],
-                               folder, background=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               folder, background=True, env=env)
 
 
 def test_torch_compile_of_the_unet_matches_eager(early_run):

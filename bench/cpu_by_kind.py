@@ -7,7 +7,8 @@ included) to the last poll that saw it, so processes shorter than a poll are mis
 actors and workers by their title (``ray::TrainController``, ``ray::IDLE`` for a worker that ran
 tasks or none), Ray's daemons by name, ``pytest`` and its xdist workers, ``cli: <subcommand>``, else
 the program's name. Prints the table (and writes it to ``--out``): seconds, processes, kind; then
-the ``--processes`` costliest processes, each with the start of its command line.
+the idle core-seconds minute by minute and the ``--processes`` costliest processes, each with the
+start of its command line.
 """
 import argparse
 import collections
@@ -62,6 +63,20 @@ def poll(seen: dict, me: int, first: bool = False) -> None:
                 seen[key][2:] = kind(cmdline), cmdline
 
 
+def busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+
+def idle_by_minute(busy: list, start: float, hz: int) -> list:
+    """(minute, core-seconds the machine's cores sat idle in it) from (time, busy ticks) samples."""
+    idle: dict = collections.defaultdict(float)
+    for (t0, b0), (t1, b1) in zip(busy, busy[1:]):
+        idle[int((t0 - start) // 60)] += max(0.0, (t1 - t0) * os.cpu_count() - (b1 - b0) / hz)
+    return sorted(idle.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="")
@@ -75,15 +90,18 @@ def main() -> None:
     seen: dict = {}
     poll(seen, os.getpid(), first=True)
     start, process = time.time(), subprocess.Popen(command)
+    busy = [(start, busy_ticks())]  # the whole machine's, for the idle cores minute by minute
     while process.poll() is None:
         time.sleep(0.5)
         poll(seen, os.getpid())
+        busy.append((time.time(), busy_ticks()))
     hz, seconds, count = os.sysconf("SC_CLK_TCK"), collections.Counter(), collections.Counter()
     for first, last, name, _ in seen.values():
         seconds[name] += (last - first) / hz
         count[name] += 1
     lines = [f"{time.time() - start:.0f} s wall, {sum(seconds.values()):.1f} s CPU in all, exit {process.returncode}"]
     lines += [f"{s:8.1f} s {count[k]:5d}  {k}" for k, s in seconds.most_common(args.top)]
+    lines.append("idle core-s by minute: " + " ".join(f"{m}:{idle:.0f}" for m, idle in idle_by_minute(busy, start, hz)))
     costliest = sorted(seen.values(), key=lambda p: p[0] - p[1])[:args.processes]
     lines += [f"{(last - first) / hz:8.1f} s  {cmdline[:150]}" for first, last, _, cmdline in costliest]
     print("\n".join(lines))

@@ -43,7 +43,8 @@ WITHOUT_RAY = ("tests/model/", "tests/apprentice/test_dreambooth.py", "tests/app
                "tests/test_cluster_config.py", "tests/test_dockerfiles.py", "tests/test_k8s_manifests.py",
                "tests/train/test_adapter_only.py", "tests/train/test_data.py", "tests/train/test_loop.py",
                "tests/train/test_memory.py", "tests/train/test_resume.py", "tests/train/test_zero3_ema.py",
-               "tests/utils/test_publish.py", "tests/utils/test_storage.py", "tests/world/test_controls.py")
+               "tests/utils/test_local_cluster.py", "tests/utils/test_publish.py", "tests/utils/test_storage.py",
+               "tests/world/test_controls.py")
 # The tests on the two-node cluster (`ray_cluster`), a lane of their own beside the session's Ray:
 ON_THE_CLUSTER = ("tests/apprentice/test_job.py::test_a_killed_job_rerun_equals_a_clean_run",)
 

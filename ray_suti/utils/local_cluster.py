@@ -72,11 +72,20 @@ class LocalCluster:
                                            stderr=subprocess.STDOUT, process_group=0))
 
     def add_worker(self, cpus: int = 1, resources: dict | None = None, timeout_s: float = 120) -> None:
-        """Starts one more node and waits until the cluster counts it."""
+        """Starts one more node and waits until the cluster counts it. The dashboard answers before
+        its state API does (a module process of its own, slower still on a busy machine), so until
+        the deadline an unanswered count is one more wait."""
+        from ray.util.state.exception import ServerUnavailable
+
         self.workers += 1
         self._start(f"worker{self.workers}", [f"--address={self.address}"], cpus, resources)
         deadline = time.time() + timeout_s
-        while len(self.alive_nodes()) < 1 + self.workers:
+        while True:
+            try:
+                if len(self.alive_nodes()) >= 1 + self.workers:
+                    return
+            except ServerUnavailable:
+                pass
             if self.procs[-1].poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"worker node did not join; see {self.temp_dir}/worker{self.workers}.log")
             time.sleep(1)

@@ -2,8 +2,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,9 +126,8 @@ class EarlyRuns(dict):
     ``early_run``. They run beside the tests, in a session of their own (so, with Linux's autogroup
     scheduling, with a share of the cores equal to the rest of the suite's, or the least share for
     a ``background`` one), and fill the share of the two cores the rest leaves idle; their tests
-    join them where they stand. A module's ``START_EARLY_WITH`` (the start of test ids, or a tuple of
-    them) starts its run with the first of those tests instead: the suite's first minutes keep both
-    cores busy, so a background run started then would only wait (one that starts Ray, for minutes)."""
+    join them where they stand. A background run starts no Ray: at the least share beside a busy
+    Ray lane, a node missed the 30 s Ray gives a raylet to register (the rehearsal, session 21)."""
 
     def __init__(self, modules: dict, tmp_path_factory):
         super().__init__()
@@ -160,35 +157,22 @@ def early_runs(request, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def start_early_runs(request, early_runs):
-    """Each test starts the early runs not started yet whose ``START_EARLY_WITH`` its id begins with,
-    or all of them without one: so the first test starts those. Under xdist only the runs of its
-    own lane (two workers must not start the same run; a lane runs on one worker)."""
+    """The first test starts the early runs; under xdist, the first test of a lane those of its lane
+    (two workers must not start the same run; a lane runs on one worker)."""
     here = lane(request.node.nodeid)
     for name, (module, where) in early_runs.modules.items():
-        if "PYTEST_XDIST_WORKER" in os.environ and where != here:
-            continue
-        if request.node.nodeid.startswith(getattr(module, "START_EARLY_WITH", "")):
+        if "PYTEST_XDIST_WORKER" not in os.environ or where == here:
             early_runs.start(name)
-
-
-BACKGROUND_MARK = "RAY_SUTI_TEST_BACKGROUND"  # in the environment of a background run's processes
-BACKGROUND_RAY_TIMEOUTS = {"RAY_worker_register_timeout_seconds": "600", "RAY_agent_register_timeout_ms": "600000",
-                           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 
 
 def start_early_command(command: list, folder: Path, background: bool = False, **popen) -> subprocess.Popen:
     """An early run's process (see ``EarlyRuns``): its own session and process group, its output in
     ``folder``/stdout.txt and stderr.txt. A ``background`` run gets the least CPU share: nice 19, and
-    for its session's autogroup too (where Linux groups by session, nice counts only inside a group);
-    its processes that open sessions of their own (the drivers Ray's job supervisor starts) are
-    given the same share as they appear (``_keep_in_background``)."""
-    if background:  # it may wait minutes for a core: Ray's start-up deadlines stretched to match
-        popen["env"] = {**popen.get("env", os.environ), BACKGROUND_MARK: str(folder), **BACKGROUND_RAY_TIMEOUTS}
+    for its session's autogroup too (where Linux groups by session, nice counts only inside a group)."""
     with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True, **popen)
     if background:  # right away: the children it starts later inherit both
         _least_share(process.pid)
-        threading.Thread(target=_keep_in_background, args=(process, str(folder)), daemon=True).start()
     return process
 
 
@@ -205,24 +189,6 @@ def _to_background() -> None:
     if os.getsid(0) != os.getpid():
         os.setsid()
         _least_share(os.getpid())
-
-
-def _keep_in_background(process: subprocess.Popen, mark: str) -> None:
-    """Until ``process`` ends, every second: its descendants that lead sessions of their own (they
-    inherited its environment's mark) get the least share too."""
-    seen = set()
-    while process.poll() is None:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or pid in seen:
-                continue
-            seen.add(pid)
-            try:
-                marked = f"{BACKGROUND_MARK}={mark}\0".encode() in Path(f"/proc/{pid}/environ").read_bytes()
-                if marked and os.getsid(int(pid)) == int(pid):
-                    _least_share(int(pid))
-            except OSError:
-                pass  # it ended meanwhile
-        time.sleep(1)
 
 
 @pytest.fixture

@@ -218,7 +218,7 @@ def iter_clusters(path: str, max_clusters: int = 0):
 
 def check_inputs(cfg: ApprenticeConfig) -> None:
     """Fails in the driver, naming the path: an actor whose constructor fails would be restarted forever."""
-    from ..model.pipeline import resolve_checkpoint
+    from ..model.loading import resolve_checkpoint
 
     resolve_checkpoint(cfg.checkpoint)
     if cfg.clip_model == "tiny" and cfg.clip_pretrained and not storage.is_file(cfg.clip_pretrained):

@@ -407,7 +407,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
     from ray.data import ActorPoolStrategy
 
     from ..utils.ray_utils import init_ray, pool_actor_cpus
-    from .clip import default_shifts  # torch: here and in the embedding actors, not in every task
+    from .clip import default_shifts
 
     files, fs, skipped = check_shards(cfg.input, cfg.tolerate_bad_shards)
     if cfg.captioner != "alt" and not storage.is_dir(cfg.captioner):

@@ -7,8 +7,14 @@ as real runs use (e.g. ``ViT-B-32`` + ``laion2b_s34b_b79k`` or ``/models/clip.bi
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: drivers read default_shifts and TINY_CLIP without it
 
 # 4-px patches (8x8 tokens): with 8-px patches a 16-px subject covered 2x2 tokens, and junk-vs-subject
 # page AUC stayed at 0.72 after 1,500 steps; 4-px patches reached 0.87 in 600 (docs/NOTES.md).
@@ -29,6 +35,7 @@ def load_clip(model: str = "tiny", pretrained: str = "", device: str = "cpu"):
     """-> (open_clip model in eval mode, input image size). ``pretrained``: a local path, a URI
     (fetched once into a local cache) or, for named models, an open_clip tag."""
     import open_clip
+    import torch
 
     from ..utils.storage import is_uri, local_copy
 
@@ -51,32 +58,36 @@ def load_clip(model: str = "tiny", pretrained: str = "", device: str = "cpu"):
 
 def preprocess(images, size: int) -> torch.Tensor:
     """PIL images -> (N, 3, size, size) normalised as CLIP expects (centre square, bicubic)."""
+    import torch
+
     from ..model.inputs import square
 
     arrays = [(np.asarray(square(img.convert("RGB"), size), np.float32) / 255 - MEAN) / STD for img in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-@torch.no_grad()
 def embed_images(clip, images, size: int, device: str = "cpu", shifts: int = 1) -> np.ndarray:
     """-> (N, D) float32, unit length. ``shifts`` > 1 averages the unit embeddings of the image rolled
     by every (dy, dx) in a ``shifts`` x ``shifts`` grid of 1-px offsets (centred: 3 -> -1, 0, 1), then
     renormalises: the tiny CLIP's 4-px patches make it sensitive to a 1-px shift (a re-upload's
     cosine to its original, with and without: docs/stages/1-dataset.md), at ``shifts**2`` forward
     passes."""
+    import torch
+
     if not images:
         return np.zeros((0, 0), np.float32)
     x = preprocess(images, size).to(device)
     offsets = [o - (shifts - 1) // 2 for o in range(shifts)]
-    feats = sum(torch.nn.functional.normalize(clip.encode_image(torch.roll(x, (dy, dx), (2, 3))).float(), dim=-1)
-                for dy in offsets for dx in offsets)
+    with torch.no_grad():
+        feats = sum(torch.nn.functional.normalize(clip.encode_image(torch.roll(x, (dy, dx), (2, 3))).float(), dim=-1)
+                    for dy in offsets for dx in offsets)
     return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
 
 
-@torch.no_grad()
 def embed_texts(clip, texts: list[str], model: str = "tiny", device: str = "cpu") -> np.ndarray:
     """-> (N, D) float32, unit length, with the tokenizer that belongs to ``model``."""
     import open_clip
+    import torch
 
     if model == "tiny":
         from open_clip.tokenizer import SimpleTokenizer
@@ -84,5 +95,6 @@ def embed_texts(clip, texts: list[str], model: str = "tiny", device: str = "cpu"
         ids = SimpleTokenizer()(list(texts), context_length=TINY_CLIP["text_cfg"]["context_length"])
     else:
         ids = open_clip.get_tokenizer(model)(list(texts))
-    feats = clip.encode_text(ids.to(device))
+    with torch.no_grad():
+        feats = clip.encode_text(ids.to(device))
     return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()

@@ -129,7 +129,7 @@ def run_encode(cfg: EncodeConfig, progress: bool = True) -> dict:
 
     from ..utils.ray_utils import init_ray, read_parquet
 
-    from ..model.pipeline import resolve_checkpoint
+    from ..model.loading import resolve_checkpoint
 
     cfg = replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))  # actors need not share our directory
     fs, files = storage.list_files(cfg.examples, ".parquet")

@@ -177,7 +177,8 @@ def _contact_sheet(records: list[dict], subsets: tuple):
 
 def evaluate_controls(cfg: ControlsEvalConfig) -> dict:
     """Runs the cases as Ray tasks of ``chunk_size`` subjects; writes and returns the results."""
-    from ..model.pipeline import load_pipeline, resolve_checkpoint
+    from ..model.loading import resolve_checkpoint
+    from ..model.pipeline import load_pipeline
     from ..utils.ray_utils import run_sharded
     from ..utils.storage import staged
 

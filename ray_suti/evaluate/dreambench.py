@@ -296,7 +296,7 @@ def _plot(methods: dict, path: str) -> None:
 
 def evaluate_dreambench(cfg: DreamBenchConfig) -> dict:
     """One Ray task per subject; writes results.json, results.md, contact_sheets/, quality_vs_seconds.png."""
-    from ..model.pipeline import resolve_checkpoint
+    from ..model.loading import resolve_checkpoint
     from ..utils.ray_utils import run_sharded
     from ..utils.storage import exists, staged
 

@@ -196,11 +196,11 @@ def _contact_sheet(records: list[dict], k: int):
 def evaluate_retrieval(cfg: RetrievalEvalConfig) -> dict:
     """Builds the catalogue and KB, runs every case as Ray tasks, writes and returns the results."""
     from ..knowledge import KnowledgeBase
-    from ..model.pipeline import resolve_checkpoint
-    from ..model.schedulers import scheduler_class
+    from ..model.loading import resolve_checkpoint
+    from ..model.schedulers import check_scheduler
     from ..utils.ray_utils import run_sharded
 
-    scheduler_class(cfg.scheduler)  # fail here, not inside every task
+    check_scheduler(cfg.scheduler)  # fail here, not inside every task
     cfg = replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint), out=os.path.abspath(cfg.out))
     kb_path, catalogue = build_knowledge_base(cfg)
     cases = list(enumerate(catalogue))

@@ -218,13 +218,13 @@ def _contact_sheet(records: list[dict], num_demos: int):
 
 def evaluate_synthetic(cfg: SyntheticEvalConfig) -> dict:
     """Runs every case as Ray tasks of ``chunk_size`` subjects; writes and returns the results."""
-    from ..model.pipeline import resolve_checkpoint
-    from ..model.schedulers import scheduler_class
+    from ..model.loading import resolve_checkpoint
+    from ..model.schedulers import check_scheduler
     from ..utils.storage import staged
     from ..utils.ray_utils import run_sharded
 
     # Fail here, not inside every task.
-    scheduler_class(cfg.scheduler)
+    check_scheduler(cfg.scheduler)
     cfg = replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
     cases = make_cases(cfg)
     chunks = [cases[i:i + cfg.chunk_size] for i in range(0, len(cases), cfg.chunk_size)]

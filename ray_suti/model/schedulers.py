@@ -27,14 +27,20 @@ ALIASES = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "eul
 SCHEDULER_NAMES = tuple(ALIASES) + SCHEDULER_CLASSES
 
 
+def check_scheduler(name: str) -> str:
+    """An allowed scheduler name -> diffusers' class name; ValueError listing the choices otherwise.
+    Imports no diffusers: drivers check a name before any work starts without paying for it."""
+    class_name = ALIASES.get(name, name)
+    if class_name not in SCHEDULER_CLASSES:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    return class_name
+
+
 def scheduler_class(name: str):
     """An allowed scheduler name -> its diffusers class; ValueError listing the choices otherwise."""
     import diffusers
 
-    class_name = ALIASES.get(name, name)
-    if class_name not in SCHEDULER_CLASSES:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-    return getattr(diffusers, class_name)
+    return getattr(diffusers, check_scheduler(name))
 
 
 def _overrides(class_name: str, latent: bool) -> dict:

@@ -52,14 +52,14 @@ def build_app(checkpoint: str = "checkpoints/tiny-32.safetensors", store: str = 
     (several small replicas on one GPU). ``scheduler`` "dpm++" with ~10 steps per request matches
     DDIM 25 on tiny-32, faster. ``knowledge_base``: a KB folder or URI (``ray-suti index``) for
     requests with ``"retrieve"``; ``{tenant}`` in it gives each tenant its own."""
-    from ..model.pipeline import resolve_checkpoint
-    from ..model.schedulers import scheduler_class
+    from ..model.loading import resolve_checkpoint
+    from ..model.schedulers import check_scheduler
     from ..utils.storage import is_uri
 
     credentials = dict(api_keys_file=api_keys_file, token_file=token_file, allow_anonymous=allow_anonymous, token=token)
     Credentials.load(**credentials)  # fails here, with where credentials come from, before anything starts
     checkpoint = resolve_checkpoint(checkpoint)  # a preset, a URI or an absolute path
-    scheduler_class(scheduler)  # refuses names outside diffusers' allow-listed schedulers
+    check_scheduler(scheduler)  # refuses names outside diffusers' allow-listed schedulers
     from ..model.loading import DTYPES
 
     if dtype not in DTYPES:

@@ -85,20 +85,29 @@ def test_the_cli_parser_loads_no_model_stack():
     assert model_libraries_loaded_by("from ray_suti.cli import build_parser; build_parser()") == []
 
 
-@pytest.mark.parametrize("driver", [
-    "from ray_suti.apprentice.job import ApprenticeConfig as C, run_apprentice as run; run(C(clusters='/nowhere'))",
-    "from ray_suti.encode.job import EncodeConfig as C, run_encode as run; run(C(examples='/nowhere'))",
-    "from ray_suti.evaluate.synthetic import SyntheticEvalConfig as C, evaluate_synthetic as run; "
-    "run(C(scheduler='euler-a', checkpoint='/nowhere.safetensors'))",
-    "from ray_suti.serving.app import build_app; build_app(checkpoint='tiny-32', scheduler='dpm++', allow_anonymous=True)",
-    "from ray_suti.data.builder import BuildConfig as C, build_dataset as run; run(C(input='/nowhere'))",
-    "from ray_suti.knowledge import IndexConfig as C, run_index as run; run(C(input='/nowhere'))",
-], ids=["apprentice", "encode", "evaluate", "serve", "build-dataset", "index"])
-def test_job_drivers_check_their_inputs_without_the_model_stack(driver):
+# Each job's driver, called with inputs that pass its checks but name a missing folder or file.
+DRIVERS = {
+    "apprentice": "from ray_suti.apprentice.job import ApprenticeConfig as C, run_apprentice as run; "
+                  "run(C(clusters='/nowhere'))",
+    "encode": "from ray_suti.encode.job import EncodeConfig as C, run_encode as run; run(C(examples='/nowhere'))",
+    "evaluate": "from ray_suti.evaluate.synthetic import SyntheticEvalConfig as C, evaluate_synthetic as run; "
+                "run(C(scheduler='euler-a', checkpoint='/nowhere.safetensors'))",
+    "serve": "from ray_suti.serving.app import build_app; "
+             "build_app(checkpoint='tiny-32', scheduler='dpm++', allow_anonymous=True)",
+    "build-dataset": "from ray_suti.data.builder import BuildConfig as C, build_dataset as run; run(C(input='/nowhere'))",
+    "index": "from ray_suti.knowledge import IndexConfig as C, run_index as run; run(C(input='/nowhere'))",
+}
+
+
+def test_job_drivers_check_their_inputs_without_the_model_stack():
     """A job's driver checks its inputs (checkpoint, scheduler name, CLIP settings) before any
     work starts and leaves the model libraries to its actors and replicas: loading them there cost
-    every `ray job submit` 3-15 s of CPU on the head node."""
+    every `ray job submit` 3-15 s of CPU on the head node. One interpreter runs the drivers in
+    turn and says what each left loaded."""
     from .conftest import model_libraries_loaded_by
 
-    code = f"try:\n    {driver}\nexcept FileNotFoundError:\n    pass"  # the missing input is found after the checks
-    assert model_libraries_loaded_by(code) == []
+    code = "".join(f"try:\n    {driver}\nexcept FileNotFoundError:\n    pass\n"
+                   f"print({name!r} + ':' + ','.join(sorted(set(sys.modules) & {{'torch', 'diffusers'}})))\n"
+                   for name, driver in DRIVERS.items())
+    loaded = model_libraries_loaded_by(code)  # "name:" per driver (after it, what it loaded), then the rest
+    assert loaded == [f"{name}:" for name in DRIVERS]

@@ -85,29 +85,35 @@ def test_the_cli_parser_loads_no_model_stack():
     assert model_libraries_loaded_by("from ray_suti.cli import build_parser; build_parser()") == []
 
 
-# Each job's driver, called with inputs that pass its checks but name a missing folder or file.
+# Each job's driver, called with inputs that pass its first checks, and the error it stops at
+# before any Ray work (a missing folder or file; controls the checkpoint was not trained with).
 DRIVERS = {
-    "apprentice": "from ray_suti.apprentice.job import ApprenticeConfig as C, run_apprentice as run; "
-                  "run(C(clusters='/nowhere'))",
-    "encode": "from ray_suti.encode.job import EncodeConfig as C, run_encode as run; run(C(examples='/nowhere'))",
-    "evaluate": "from ray_suti.evaluate.synthetic import SyntheticEvalConfig as C, evaluate_synthetic as run; "
-                "run(C(scheduler='euler-a', checkpoint='/nowhere.safetensors'))",
-    "serve": "from ray_suti.serving.app import build_app; "
-             "build_app(checkpoint='tiny-32', scheduler='dpm++', allow_anonymous=True)",
-    "build-dataset": "from ray_suti.data.builder import BuildConfig as C, build_dataset as run; run(C(input='/nowhere'))",
-    "index": "from ray_suti.knowledge import IndexConfig as C, run_index as run; run(C(input='/nowhere'))",
+    "apprentice": ("from ray_suti.apprentice.job import ApprenticeConfig as C, run_apprentice as run; "
+                   "run(C(clusters='/nowhere'))", "FileNotFoundError"),
+    "encode": ("from ray_suti.encode.job import EncodeConfig as C, run_encode as run; run(C(examples='/nowhere'))",
+               "FileNotFoundError"),
+    "evaluate": ("from ray_suti.evaluate.synthetic import SyntheticEvalConfig as C, evaluate_synthetic as run; "
+                 "run(C(scheduler='euler-a', checkpoint='/nowhere.safetensors'))", "FileNotFoundError"),
+    "evaluate-controls": ("from ray_suti.evaluate.controls import ControlsEvalConfig as C, evaluate_controls as run; "
+                          "run(C(checkpoint='tiny-32'))", "ValueError"),
+    "serve": ("from ray_suti.serving.app import build_app; "
+              "build_app(checkpoint='tiny-32', scheduler='dpm++', allow_anonymous=True)", "None"),
+    "build-dataset": ("from ray_suti.data.builder import BuildConfig as C, build_dataset as run; "
+                      "run(C(input='/nowhere'))", "FileNotFoundError"),
+    "index": ("from ray_suti.knowledge import IndexConfig as C, run_index as run; run(C(input='/nowhere'))",
+              "FileNotFoundError"),
 }
 
 
 def test_job_drivers_check_their_inputs_without_the_model_stack():
-    """A job's driver checks its inputs (checkpoint, scheduler name, CLIP settings) before any
-    work starts and leaves the model libraries to its actors and replicas: loading them there cost
-    every `ray job submit` 3-15 s of CPU on the head node. One interpreter runs the drivers in
-    turn and says what each left loaded."""
+    """A job's driver checks its inputs (checkpoint, scheduler name, controls, CLIP settings)
+    before any work starts and leaves the model libraries to its actors and replicas: loading
+    them there cost every `ray job submit` 3-15 s of CPU on the head node. One interpreter runs
+    the drivers in turn and says where each stopped and what it left loaded."""
     from .conftest import model_libraries_loaded_by
 
-    code = "".join(f"try:\n    {driver}\nexcept FileNotFoundError:\n    pass\n"
-                   f"print({name!r} + ':' + ','.join(sorted(set(sys.modules) & {{'torch', 'diffusers'}})))\n"
-                   for name, driver in DRIVERS.items())
-    loaded = model_libraries_loaded_by(code)  # "name:" per driver (after it, what it loaded), then the rest
-    assert loaded == [f"{name}:" for name in DRIVERS]
+    code = "".join(f"error = None\ntry:\n    {driver}\nexcept Exception as e:\n    error = e\n"
+                   f"print({name!r}, type(error).__name__ if error else None, *sorted(set(sys.modules) & {{'torch', 'diffusers'}}), sep=':')\n"
+                   for name, (driver, _) in DRIVERS.items())
+    loaded = model_libraries_loaded_by(code)  # "name:error[:library...]" per driver, then what is left loaded
+    assert loaded == [f"{name}:{error}" for name, (_, error) in DRIVERS.items()]

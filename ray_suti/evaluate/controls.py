@@ -177,13 +177,12 @@ def _contact_sheet(records: list[dict], subsets: tuple):
 
 def evaluate_controls(cfg: ControlsEvalConfig) -> dict:
     """Runs the cases as Ray tasks of ``chunk_size`` subjects; writes and returns the results."""
-    from ..model.loading import resolve_checkpoint
-    from ..model.pipeline import load_pipeline
+    from ..model.loading import controls_of, resolve_checkpoint
     from ..utils.ray_utils import run_sharded
     from ..utils.storage import staged
 
     cfg = replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
-    missing = {c for s in cfg.subsets for c in SUBSETS[s]} - set(load_pipeline(cfg.checkpoint).controls)
+    missing = {c for s in cfg.subsets for c in SUBSETS[s]} - set(controls_of(cfg.checkpoint))
     if missing:  # fail here, not in every task
         raise ValueError(f"{cfg.checkpoint} was not trained with controls {sorted(missing)} "
                          "(train with --controls, or pass --subsets none)")

@@ -125,6 +125,19 @@ def image_size_of(checkpoint: str) -> int:
     return unet["sample_size"] * factor
 
 
+def controls_of(checkpoint: str) -> tuple:
+    """The spatial controls a preset or saved model was trained with, read from its configs (no
+    weights loaded): what ``SuTIPipeline.controls`` says once loaded."""
+    from ..utils import storage
+
+    if checkpoint in PRESETS:
+        return tuple(get_preset(checkpoint).controls)
+    if checkpoint.endswith(".safetensors"):
+        return SuTIConfig.from_dict(json.loads(single_file_metadata(checkpoint)["suti_config"])).controls
+    suti = storage.join(checkpoint, "suti", "config.json")  # a folder without SuTI layers draws text-only
+    return tuple(json.loads(storage.read_bytes(suti)).get("controls", ())) if storage.exists(suti) else ()
+
+
 def tokenizer_of(checkpoint: str):
     """The tokenizer of a preset or saved model, without its weights (for Ray Data's batch builders)."""
     from .tokenizer import clip_tokenizer

@@ -86,3 +86,15 @@ def test_a_checkpoint_without_controls_refuses_them_and_saved_ones_keep_them(tmp
     loaded.set_progress_bar_config(disable=True)
     assert loaded.controls == ALL
     np.testing.assert_allclose(gen(loaded, box=BOX), gen(trained, box=BOX), atol=1e-5)
+
+
+def test_a_models_controls_are_read_from_its_configs(tmp_path):
+    """``controls_of`` (what a driver checks before any work) says what the loaded pipeline says,
+    for a preset, a single file and a diffusers folder."""
+    from ray_suti.model.loading import controls_of
+
+    pipe = controlled_pipe(trained=False)
+    pipe.save_single_file(str(tmp_path / "m.safetensors"))
+    pipe.save_pretrained(str(tmp_path / "m"))
+    assert controls_of(str(tmp_path / "m.safetensors")) == controls_of(str(tmp_path / "m")) == pipe.controls == ALL
+    assert controls_of("tiny-32") == SuTIPipeline.from_preset("tiny-32").controls == ()

@@ -39,10 +39,10 @@ WITHOUT_RAY = ("tests/model/", "tests/apprentice/test_dreambooth.py", "tests/app
                "tests/data/test_train_clip_render.py", "tests/data/test_urls.py",
                "tests/serving/test_batcher.py", "tests/serving/test_store.py", "tests/test_client.py",
                "tests/test_cluster_config.py", "tests/test_dockerfiles.py", "tests/test_k8s_manifests.py",
-               "tests/train/test_adapter_only.py", "tests/train/test_data.py", "tests/train/test_loop.py",
-               "tests/train/test_memory.py", "tests/train/test_resume.py", "tests/train/test_zero3_ema.py",
-               "tests/utils/test_local_cluster.py", "tests/utils/test_publish.py", "tests/utils/test_storage.py",
-               "tests/world/test_controls.py")
+               "tests/test_package.py", "tests/train/test_adapter_only.py", "tests/train/test_data.py",
+               "tests/train/test_loop.py", "tests/train/test_memory.py", "tests/train/test_resume.py",
+               "tests/train/test_zero3_ema.py", "tests/utils/test_local_cluster.py", "tests/utils/test_publish.py",
+               "tests/utils/test_storage.py", "tests/world/test_controls.py")
 
 
 def lane(nodeid: str) -> str:

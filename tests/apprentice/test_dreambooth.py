@@ -51,7 +51,7 @@ def _photo_loss(pipe, photos, captions, word):
 def test_expert_learns_the_photos_and_the_base_weights_come_back(pipe, subject, full):
     photos, captions, word, _ = subject
     before, loss_before = _unet_state(pipe), _photo_loss(pipe, photos, captions, word)
-    cfg = DreamBoothConfig(steps=40, full_finetune=full)  # default learning rates (1e-3 LoRA, 5e-5 full)
+    cfg = DreamBoothConfig(steps=20, full_finetune=full)  # default learning rates (1e-3 LoRA, 5e-5 full)
     with dreambooth_expert(pipe, photos, captions, word, cfg):
         loss_inside = _photo_loss(pipe, photos, captions, word)
     after = _unet_state(pipe)

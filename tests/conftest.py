@@ -70,20 +70,12 @@ def pytest_xdist_make_scheduler(config, log):
     return LaneScheduling(config, log)
 
 
-# Runs of two-node clusters of their own (both cores busy most of the time), last in the Ray lane: the tests before
-# them then finish while the lane without Ray still fills the other core (the demo's test reruns the
-# demo in one process for ~50 s after its join; last, it left a core idle).
-MULTI_NODE = ("tests/utils/test_rehearsal.py",)
-
-
 def pytest_collection_modifyitems(session, config, items):
     """The tests that join an early run come after the rest (the later they join, the more of their
-    run was done beside the others), then ``MULTI_NODE``, then the two-node cluster's tests (its
-    nodes then live only while they run; idle they still cost ~0.07 cores)."""
+    run was done beside the others), then the two-node cluster's tests (its nodes then live only
+    while they run; idle they still cost ~0.07 cores)."""
     def rank(item) -> int:
-        if "ray_cluster" in item.fixturenames:
-            return 3
-        return 2 if item.nodeid.startswith(MULTI_NODE) else int("early_run" in item.fixturenames)
+        return 2 if "ray_cluster" in item.fixturenames else int("early_run" in item.fixturenames)
 
     items.sort(key=rank)  # stable: the order is kept otherwise
     for item in items:

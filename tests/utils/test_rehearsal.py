@@ -3,7 +3,6 @@ cluster of its own, real jobs submitted to the head, every path a file:// URI as
 object storage; each stage's work lands on both nodes."""
 import json
 import os
-import subprocess
 import sys
 
 import pyarrow.parquet as pq
@@ -11,19 +10,23 @@ import pytest
 
 from ray_suti import SuTIPipeline
 
-from ..conftest import AS_A_USER, REPO
+from ..conftest import AS_A_USER, start_early_command
 
 pytestmark = pytest.mark.slow
 
 
-def test_every_stage_runs_work_on_both_nodes(tmp_path):
-    # ~150 s of CPU, at the Ray lane's share: at the least share (a background early run) beside the
-    # busy lane, its nodes missed Ray's 30 s for a raylet to register
-    cmd = [sys.executable, "-m", "ray_suti.utils.rehearsal", "--out", str(tmp_path / "rehearsal"), "--pages", "20",
-           "--train-steps", "2", "--json", str(tmp_path / "result.json")]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **AS_A_USER}, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out, result = tmp_path / "rehearsal", json.loads((tmp_path / "result.json").read_text())
+def start_early(folder):
+    """The rehearsal, ~150 s of CPU, started with the session beside the other tests (tests/conftest.py,
+    ``early_runs``) at the Ray lane's share: its nodes then register in time (at the least share beside
+    the busy lane, a node missed Ray's 30 s for a raylet to register, session 21). The test joins it."""
+    cmd = [sys.executable, "-m", "ray_suti.utils.rehearsal", "--out", str(folder / "rehearsal"), "--pages", "20",
+           "--train-steps", "2", "--json", str(folder / "result.json")]
+    return start_early_command(cmd, folder, env={**os.environ, **AS_A_USER})
+
+
+def test_every_stage_runs_work_on_both_nodes(early_run):
+    early_run.join(timeout=1800)
+    out, result = early_run.folder / "rehearsal", json.loads((early_run.folder / "result.json").read_text())
     assert result["nodes"] == {"head": 2, "worker": 2}
     for stage in ("world", "build_dataset", "train"):
         info = result["stages"][stage]

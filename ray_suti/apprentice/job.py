@@ -239,8 +239,7 @@ def run_apprentice(cfg: ApprenticeConfig, progress: bool = True) -> dict:
     remove_stale_temporaries(cfg.output)  # left by a run killed mid-write
     done = {p.rsplit("/", 1)[-1][:-5] for p in storage.list_files(storage.join(cfg.output, "status"), ".json")[1]}
     actor = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus, max_restarts=-1, max_task_retries=3)(ExpertWorker)
-    workers = [actor.remote(cfg) for _ in range(cfg.concurrency)]
-    pending, idle, skipped_done = {}, list(workers), 0
+    workers, pending, idle, skipped_done = [], {}, [], 0
     bar = progress_bar(total=cfg.max_clusters or None, desc="apprentice clusters", unit="cluster", disable=not progress)
 
     failed = []
@@ -255,16 +254,29 @@ def run_apprentice(cfg: ApprenticeConfig, progress: bool = True) -> dict:
                 failed.append(str(e).strip().splitlines()[-1][:300])  # no status file: a rerun tries it again
             bar.update(1)
 
-    for row in iter_clusters(cfg.clusters, cfg.max_clusters):
-        if safe_name(row["cluster_id"]) in done:
-            skipped_done += 1
-            continue
+    def free_worker():
+        """An idle expert, a new one while fewer than ``concurrency`` run (none for a run with nothing left)."""
+        if not idle and len(workers) < cfg.concurrency:
+            workers.append(actor.remote(cfg))
+            return workers[-1]
         while not idle:
             collect(block=True)
-        worker = idle.pop()
-        pending[worker.run.remote(row)] = worker
-    while pending:
-        collect(block=True)
+        return idle.pop()
+
+    try:
+        for row in iter_clusters(cfg.clusters, cfg.max_clusters):
+            if safe_name(row["cluster_id"]) in done:
+                skipped_done += 1
+                continue
+            worker = free_worker()
+            pending[worker.run.remote(row)] = worker
+        while pending:
+            collect(block=True)
+    finally:
+        # Stopped by their handles, at once: left to the garbage collector, an expert whose handle went
+        # out of scope while it was still loading its model kept its process, and its CPU, for good.
+        for worker in workers:
+            ray.kill(worker)
     bar.close()
     stats = summarize(cfg.output)
     stats.update(clusters_already_done=skipped_done, clusters_failed=len(failed), failures=failed[:20])

@@ -162,8 +162,29 @@ def test_clusters_checkpoint_and_output_may_be_uris(tmp_path, ray_local):
     write_clusters(tmp_path / "clusters", 2)
     cfg = ApprenticeConfig(clusters=(tmp_path / "clusters").as_uri(), output=(tmp_path / "out").as_uri(),
                            checkpoint=(REPO / "checkpoints" / "tiny-32.safetensors").as_uri(), concurrency=1, **FAST)
+    earlier = set(_experts())  # other tests' runs on the session's Ray
     stats = run_apprentice(cfg, progress=False)
     assert stats["clusters_done"] == 2 and stats["candidates"] == 8
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["clusters_done"] == 2
     assert len(pq.read_table(tmp_path / "out" / "examples")) == stats["kept"] > 0
+    started = set(_experts()) - earlier
+    assert len(started) == 1 and _wait_until_dead(started)  # stopped when the run returned, garbage or not
     assert run_apprentice(cfg, progress=False)["clusters_already_done"] == 2  # resumes from the URI's status files
+    assert set(_experts()) - earlier == started  # with nothing left to do, no expert started
+
+
+def _experts() -> dict:
+    from ray._private.state import actors  # the GCS's actor table: the session's Ray runs no dashboard
+
+    return {a["ActorID"]: a for a in actors().values() if a["ActorClassName"] == "ExpertWorker"}
+
+
+def _wait_until_dead(experts: set, timeout_s: float = 30) -> bool:
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if all(a["State"] == "DEAD" for actor_id, a in _experts().items() if actor_id in experts):
+            return True
+        time.sleep(0.2)
+    return False

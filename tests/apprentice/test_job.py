@@ -100,8 +100,8 @@ def test_a_killed_job_rerun_equals_a_clean_run(tmp_path, ray_head):
     write_clusters(tmp_path / "clusters", clusters)
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    args = ["--clusters", str(tmp_path / "clusters"), "--clip-pretrained", "", "--dreambooth-steps", "10",
-            "--sample-steps", "6", "--prompts-per-cluster", "2", "--candidates-per-prompt", "2",
+    args = ["--clusters", str(tmp_path / "clusters"), "--clip-pretrained", "", "--dreambooth-steps", "5",
+            "--sample-steps", "4", "--prompts-per-cluster", "2", "--candidates-per-prompt", "2",
             "--clip-i-threshold", "0.0"]
 
     def submit(out, *extra, concurrency=2):

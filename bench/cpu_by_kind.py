@@ -4,8 +4,8 @@
 
 Polls /proc every half second; a process counts from its start (its CPU before the first poll
 included) to the last poll that saw it, so processes shorter than a poll are missed. Kinds: Ray
-actors and workers by their title (``ray::TrainController``, ``ray::IDLE`` for a worker that ran
-tasks or none), Ray's daemons by name, ``pytest`` and its xdist workers, ``cli: <subcommand>``, else
+actors and workers by their title (``ray::TrainController``; ``ray::IDLE after read_task`` for a
+worker idle since it ran that task, ``ray::IDLE`` for one seen running none), Ray's daemons by name, ``pytest`` and its xdist workers, ``cli: <subcommand>``, else
 the program's name. Prints the table (and writes it to ``--out``): seconds, processes, kind; then
 the idle core-seconds minute by minute and the ``--processes`` costliest processes, each with the
 start of its command line.
@@ -59,8 +59,11 @@ def poll(seen: dict, me: int, first: bool = False) -> None:
             seen[key] = [ticks if first else 0, ticks, kind(cmdline), cmdline]
         else:
             seen[key][1] = ticks
-            if cmdline:  # a Ray worker's title changes once it runs an actor
-                seen[key][2:] = kind(cmdline), cmdline
+            if cmdline:  # a Ray worker's title changes once it runs an actor or a task
+                now = kind(cmdline)
+                if now == "ray::IDLE" and seen[key][2].startswith("ray::") and seen[key][2] != "ray::IDLE":  # a task worker between tasks
+                    now = seen[key][2] if seen[key][2].startswith("ray::IDLE after ") else f"ray::IDLE after {seen[key][2][5:]}"
+                seen[key][2:] = now, cmdline
 
 
 def busy_ticks() -> int:

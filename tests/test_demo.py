@@ -10,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from ray_suti.demo import PRESETS, Stages, demo_config
+from ray_suti.demo import PRESETS, Stages, demo_config, run_demo
 from ray_suti.utils.console import Console
 
 from .conftest import AS_A_USER, REPO, free_port, start_early_command
@@ -32,7 +32,7 @@ def start_early(folder):
 
 
 @pytest.mark.slow
-def test_smoke_demo_runs_every_stage_keeps_serving_and_a_rerun_reuses_them(tmp_path, early_run):
+def test_smoke_demo_runs_every_stage_keeps_serving_and_a_rerun_reuses_them(tmp_path, early_run, monkeypatch, capsys):
     out, stdout = early_run.folder / "demo", early_run.join()
     errors = (early_run.folder / "stderr.txt").read_text()
     record = json.loads((out / "demo.json").read_text())
@@ -57,12 +57,15 @@ def test_smoke_demo_runs_every_stage_keeps_serving_and_a_rerun_reuses_them(tmp_p
     assert json.loads((out / "serve" / "request.json").read_text())["png_bytes"] > 0
 
     # a rerun (after a crash, or to see the report again) reuses every stage and starts no Ray
-    again = subprocess.run(demo_command(out), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert all(stage in again.stdout for stage in STAGES) and again.stdout.count("(reused)") == len(STAGES)
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a rerun that reuses every stage started Ray")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("ray_suti.utils.ray_utils.init_ray", no_ray)  # read where each stage would run
+        capsys.readouterr()
+        run_demo(demo_config("smoke", str(out)), Console(None))
+    assert capsys.readouterr().out.count("(reused)") == len(STAGES)
     assert json.loads((out / "demo.json").read_text())["seconds"] == record["seconds"]
-    appended = (out / "logs" / "demo.log").read_text()[len(log):]  # the log is appended to
-    assert "Started a local Ray instance" not in appended
 
     # `--keep-serving` then serves the trained model: `ray-suti serve`, the whole round through the CLI's client
     port = free_port()
@@ -75,7 +78,7 @@ def test_smoke_demo_runs_every_stage_keeps_serving_and_a_rerun_reuses_them(tmp_p
             if "open http://" in line:
                 break
         assert f"open {url}/" in lines[-1], "".join(lines)
-        assert "".join(lines).count("(reused)") == len(STAGES)
+        assert "".join(lines).count("(reused)") == len(STAGES)  # the CLI's rerun, too, reuses every stage
         assert requests.get(f"{url}/", timeout=30).status_code == 200
         listed = requests.get(f"{url}/v1/subjects", timeout=30).json()["subjects"]
         assert len(listed) == 1  # the demo's subject
@@ -95,6 +98,8 @@ def test_smoke_demo_runs_every_stage_keeps_serving_and_a_rerun_reuses_them(tmp_p
         rest, serve_errors = serving.communicate(timeout=120)
     assert serving.returncode == 0, "".join(lines)[-3000:] + rest[-3000:] + serve_errors[-3000:]
     assert "stopped" in rest
+    assert json.loads((out / "demo.json").read_text())["seconds"] == record["seconds"]
+    assert (out / "logs" / "demo.log").read_text().startswith(log)  # the log is appended to
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
 

@@ -174,11 +174,11 @@ def test_bf16_matches_fp32_on_the_committed_model():
     p = SuTIPipeline.from_pretrained(COMMITTED)
     p.set_progress_bar_config(disable=True)
     photos = _subject(seed=40, size=32)
-    full = _gen(p, subject=photos, num_inference_steps=10)
+    full = _gen(p, subject=photos, num_inference_steps=5)
     p.to(torch.bfloat16)
     assert p.dtype == torch.bfloat16
     assert p.encode_subject(photos).dtype == torch.bfloat16  # demo features cached in the model's dtype
-    half = _gen(p, subject=photos, num_inference_steps=10)
+    half = _gen(p, subject=photos, num_inference_steps=5)
     assert np.isfinite(half).all()
     psnr = _psnr(half, full)
     print(f"bf16 vs fp32 PSNR {psnr:.2f} dB")

@@ -71,17 +71,11 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The Ray lane joins its early runs first: they run at its share, so the wait is theirs, and what
-    a join does after (the demo's reruns, one process) runs beside the lane without Ray, not alone at
-    the end. The lane without Ray joins its background runs last (at the least share, they need the
-    longest to finish). The two-node cluster's tests come last (its nodes then live only while they
-    run; idle they still cost ~0.07 cores)."""
+    """The tests that join an early run come after the rest (the later they join, the more of their
+    run was done beside the others), then the two-node cluster's tests (its nodes then live only
+    while they run; idle they still cost ~0.07 cores)."""
     def rank(item) -> int:
-        if "ray_cluster" in item.fixturenames:
-            return 3
-        if "early_run" in item.fixturenames:
-            return 0 if lane(item.nodeid) == "ray" else 2
-        return 1
+        return 2 if "ray_cluster" in item.fixturenames else int("early_run" in item.fixturenames)
 
     items.sort(key=rank)  # stable: the order is kept otherwise
     for item in items:

@@ -4,11 +4,11 @@
 
 Polls /proc every half second; a process counts from its start (its CPU before the first poll
 included) to the last poll that saw it, so processes shorter than a poll are missed. Kinds: Ray
-actors and workers by their title (``ray::TrainController``; ``ray::IDLE after read_task`` for a
-worker idle since it ran that task, ``ray::IDLE`` for one seen running none), Ray's daemons by name, ``pytest`` and its xdist workers, ``cli: <subcommand>``, else
-the program's name. Prints the table (and writes it to ``--out``): seconds, processes, kind; then
-the idle core-seconds minute by minute and the ``--processes`` costliest processes, each with the
-start of its command line.
+actors and workers by their title at each poll (``ray::TrainController``; a task worker's CPU under
+the task it ran, ``ray::MapBatches``, and between tasks under ``ray::IDLE``), Ray's daemons by
+name, ``pytest`` and its xdist workers, ``cli: <subcommand>``, else the program's name. Prints the
+table (and writes it to ``--out``): seconds, processes, kind; then the idle core-seconds minute by
+minute and the ``--processes`` costliest processes, each with the start of its command line.
 """
 import argparse
 import collections
@@ -43,7 +43,9 @@ def kind(cmdline: str) -> str:
 
 
 def poll(seen: dict, me: int, first: bool = False) -> None:
-    """seen: (pid, start time) -> [CPU ticks at first sight, latest CPU ticks, kind, command line]."""
+    """seen: (pid, start time) -> [CPU ticks at first sight, latest CPU ticks, kind, command line,
+    ticks by kind]. A poll's ticks go to the process's title then: a Ray task worker's CPU to the
+    task it ran (``ray::MapBatches``), its idle polling to ``ray::IDLE``."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) == me:
             continue
@@ -56,14 +58,13 @@ def poll(seen: dict, me: int, first: bool = False) -> None:
             continue  # it ended meanwhile
         ticks, key = int(fields[11]) + int(fields[12]), (pid, fields[19])
         if key not in seen:  # processes already running at the start count from there
-            seen[key] = [ticks if first else 0, ticks, kind(cmdline), cmdline]
+            start = ticks if first else 0
+            seen[key] = [start, ticks, kind(cmdline), cmdline, collections.Counter({kind(cmdline): ticks - start})]
         else:
+            if cmdline:  # a Ray worker's title changes as it runs actors and tasks
+                seen[key][2:4] = kind(cmdline), cmdline
+            seen[key][4][seen[key][2]] += ticks - seen[key][1]
             seen[key][1] = ticks
-            if cmdline:  # a Ray worker's title changes once it runs an actor or a task
-                now = kind(cmdline)
-                if now == "ray::IDLE" and seen[key][2].startswith("ray::") and seen[key][2] != "ray::IDLE":  # a task worker between tasks
-                    now = seen[key][2] if seen[key][2].startswith("ray::IDLE after ") else f"ray::IDLE after {seen[key][2][5:]}"
-                seen[key][2:] = now, cmdline
 
 
 def busy_ticks() -> int:
@@ -99,14 +100,15 @@ def main() -> None:
         poll(seen, os.getpid())
         busy.append((time.time(), busy_ticks()))
     hz, seconds, count = os.sysconf("SC_CLK_TCK"), collections.Counter(), collections.Counter()
-    for first, last, name, _ in seen.values():
-        seconds[name] += (last - first) / hz
-        count[name] += 1
+    for *_, by_kind in seen.values():
+        for name, ticks in by_kind.items():
+            seconds[name] += ticks / hz
+            count[name] += ticks > 0 or len(by_kind) == 1
     lines = [f"{time.time() - start:.0f} s wall, {sum(seconds.values()):.1f} s CPU in all, exit {process.returncode}"]
     lines += [f"{s:8.1f} s {count[k]:5d}  {k}" for k, s in seconds.most_common(args.top)]
     lines.append("idle core-s by minute: " + " ".join(f"{m}:{idle:.0f}" for m, idle in idle_by_minute(busy, start, hz)))
     costliest = sorted(seen.values(), key=lambda p: p[0] - p[1])[:args.processes]
-    lines += [f"{(last - first) / hz:8.1f} s  {cmdline[:150]}" for first, last, _, cmdline in costliest]
+    lines += [f"{(last - first) / hz:8.1f} s  {cmdline[:150]}" for first, last, _, cmdline, _ in costliest]
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
